@@ -1,0 +1,50 @@
+"""Key/value cache for incremental decoding.
+
+Buffers are allocated in steps of ``step`` positions and written in place, so a
+decode step appends one position without copying the history.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+class KVCache:
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append ``keys``/``values`` ([B, kv_heads, S, head_dim]); return the whole history."""
+        prev, n = self.offset, keys.shape[2]
+        if self.keys is None or prev + n > self.keys.shape[2]:
+            B, H, _, D = keys.shape
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((B, H, grow, D), keys.dtype)
+            new_v = mx.zeros((B, H, grow, D), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.keys[..., prev : prev + n, :] = keys
+        self.values[..., prev : prev + n, :] = values
+        self.offset += n
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last ``n`` positions (rejected speculative tokens); returns how many."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(num_layers: int) -> list[KVCache]:
+    return [KVCache() for _ in range(num_layers)]

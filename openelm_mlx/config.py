@@ -1,0 +1,303 @@
+"""OpenELM configuration and the layer-wise scaling rule.
+
+OpenELM widens its transformer layer by layer: the number of query heads and the
+FFN width grow linearly from the first layer to the last.  ``layerwise_scaling``
+is the single place where that rule (Apple's ``make_divisible`` + ``linspace``)
+is written down; presets, custom shapes and short HF configs all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from numbers import Number
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, OpenELMError
+
+# Shapes of Apple's four released sizes; everything else is shared (see _PRESET_COMMON).
+PRESETS: dict[str, dict[str, int]] = {
+    "270M": {"num_transformer_layers": 16, "model_dim": 1280, "head_dim": 64},
+    "450M": {"num_transformer_layers": 20, "model_dim": 1536, "head_dim": 64},
+    "1_1B": {"num_transformer_layers": 28, "model_dim": 2048, "head_dim": 64},
+    "3B": {"num_transformer_layers": 36, "model_dim": 3072, "head_dim": 128},
+}
+_PRESET_COMMON: dict[str, Any] = {
+    "qkv_multipliers": (0.5, 1.0),
+    "ffn_multipliers": (0.5, 4.0),
+    "num_gqa_groups": 4,
+}
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def make_divisible(v: float, divisor: int) -> int:
+    """Round ``v`` to a multiple of ``divisor`` without losing more than 10%."""
+    n = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if n < 0.9 * v:
+        n += divisor
+    return n
+
+
+def _per_layer(name: str, value: Any, num_layers: int) -> list[float]:
+    """Expand a multiplier given as a number, an (start, end) pair or a full list."""
+    if isinstance(value, Number) and not isinstance(value, bool):
+        return [float(value)] * num_layers
+    if isinstance(value, (list, tuple)):
+        if len(value) == 2:
+            # linspace over the layers, rounded to 2 decimals exactly as Apple does.
+            lo, hi = float(value[0]), float(value[1])
+            return [round(float(v), 2) for v in np.linspace(lo, hi, num=num_layers, dtype=float)]
+        if len(value) == num_layers:
+            return [float(v) for v in value]
+    raise ConfigError(
+        f"{name}={value!r}: expected a number, a [start, end] pair or one value per layer "
+        f"({num_layers} layers)"
+    )
+
+
+def layerwise_scaling(
+    num_transformer_layers: int,
+    model_dim: int,
+    head_dim: int,
+    qkv_multipliers: Any = (0.5, 1.0),
+    ffn_multipliers: Any = (0.5, 4.0),
+    num_gqa_groups: int = 4,
+) -> tuple[list[int], list[int], list[float]]:
+    """Return per-layer (query heads, KV heads, FFN multipliers): OpenELM's scaling rule."""
+    for name, v in (
+        ("num_transformer_layers", num_transformer_layers),
+        ("model_dim", model_dim),
+        ("head_dim", head_dim),
+        ("num_gqa_groups", num_gqa_groups),
+    ):
+        _check_positive_int(name, v)
+    qkv = _per_layer("qkv_multipliers", qkv_multipliers, num_transformer_layers)
+    ffn = _per_layer("ffn_multipliers", ffn_multipliers, num_transformer_layers)
+    q_dims = [make_divisible(model_dim * m, head_dim * num_gqa_groups) for m in qkv]
+    q_heads = [int(q) // head_dim for q in q_dims]
+    kv_heads = [h // num_gqa_groups for h in q_heads]
+    return q_heads, kv_heads, ffn
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r}: must be a positive integer")
+
+
+def preset_name(name: str) -> str:
+    """Canonical preset key for '270M', 'OpenELM-270M', 'apple/OpenELM-270M-Instruct', '1.1B'..."""
+    key = name.rsplit("/", 1)[-1]
+    if key.lower().startswith("openelm-"):
+        key = key[len("openelm-") :]
+    if key.lower().endswith("-instruct"):
+        key = key[: -len("-instruct")]
+    key = key.upper().replace(".", "_")
+    if key not in PRESETS:
+        raise ConfigError(f"preset={name!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+    return key
+
+
+@dataclass
+class OpenELMConfig:
+    """All shapes of one OpenELM model; per-layer lists are always expanded."""
+
+    num_transformer_layers: int
+    model_dim: int
+    head_dim: int
+    num_query_heads: list[int]
+    num_kv_heads: list[int]
+    ffn_multipliers: list[float]
+    vocab_size: int = 32000
+    max_context_length: int = 2048
+    num_gqa_groups: int = 4
+    qkv_multipliers: Any = field(default_factory=lambda: [0.5, 1.0])
+    ffn_dim_divisor: int = 256
+    ffn_with_glu: bool = True
+    normalize_qk_projections: bool = True
+    share_input_output_layers: bool = True
+    rope_freq_constant: float = 10000.0
+    rope_max_length: int = 4096
+    rms_norm_eps: float = 1e-6
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    activation_fn_name: str = "swish"
+    normalization_layer_name: str = "rms_norm"
+    model_type: str = "openelm"
+
+    def __post_init__(self) -> None:
+        L = self.num_transformer_layers
+        for name in (
+            "num_transformer_layers",
+            "model_dim",
+            "head_dim",
+            "vocab_size",
+            "max_context_length",
+            "ffn_dim_divisor",
+            "num_gqa_groups",
+        ):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
+            values = getattr(self, name)
+            if not isinstance(values, (list, tuple)) or len(values) != L:
+                n = len(values) if isinstance(values, (list, tuple)) else values
+                raise ConfigError(f"{name}: has {n!r} entries but num_transformer_layers={L}")
+        self.num_query_heads = [int(h) for h in self.num_query_heads]
+        self.num_kv_heads = [int(h) for h in self.num_kv_heads]
+        self.ffn_multipliers = [float(m) for m in self.ffn_multipliers]
+        for i, (q, kv, m) in enumerate(
+            zip(self.num_query_heads, self.num_kv_heads, self.ffn_multipliers, strict=True)
+        ):
+            if q <= 0 or kv <= 0:
+                raise ConfigError(
+                    f"layer {i}: num_query_heads={q}, num_kv_heads={kv}: head counts must be positive"
+                )
+            if q % kv:
+                raise ConfigError(f"layer {i}: num_query_heads={q} is not divisible by num_kv_heads={kv}")
+            if not m > 0:
+                raise ConfigError(f"layer {i}: ffn_multipliers={m}: must be positive")
+        if not self.rms_norm_eps > 0 or not self.rope_freq_constant > 0:
+            raise ConfigError("rms_norm_eps and rope_freq_constant must be positive")
+        if self.activation_fn_name not in ("swish", "silu"):
+            raise ConfigError(f"activation_fn_name={self.activation_fn_name!r}: only 'swish' is supported")
+        if self.normalization_layer_name != "rms_norm":
+            raise ConfigError(
+                f"normalization_layer_name={self.normalization_layer_name!r}: only 'rms_norm' is supported"
+            )
+
+    # --- constructors -----------------------------------------------------------------
+    @classmethod
+    def scaled(
+        cls,
+        num_transformer_layers: int,
+        model_dim: int,
+        head_dim: int,
+        qkv_multipliers: Any = (0.5, 1.0),
+        ffn_multipliers: Any = (0.5, 4.0),
+        num_gqa_groups: int = 4,
+        **overrides: Any,
+    ) -> OpenELMConfig:
+        """A custom shape, derived with the same layer-wise scaling as Apple's presets."""
+        q, kv, ffn = layerwise_scaling(
+            num_transformer_layers, model_dim, head_dim, qkv_multipliers, ffn_multipliers, num_gqa_groups
+        )
+        return cls(
+            num_transformer_layers=num_transformer_layers,
+            model_dim=model_dim,
+            head_dim=head_dim,
+            num_query_heads=q,
+            num_kv_heads=kv,
+            ffn_multipliers=ffn,
+            num_gqa_groups=num_gqa_groups,
+            qkv_multipliers=list(qkv_multipliers)
+            if isinstance(qkv_multipliers, (list, tuple))
+            else qkv_multipliers,
+            **overrides,
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> OpenELMConfig:
+        """One of Apple's sizes: '270M', '450M', '1_1B', '3B' (an 'OpenELM-' prefix is fine)."""
+        return cls.scaled(**PRESETS[preset_name(name)], **_PRESET_COMMON, **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OpenELMConfig:
+        """From an HF ``config.json`` dict (expanded per-layer lists or just multipliers)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+        if d.get("model_type", "openelm") != "openelm":
+            raise ConfigError(f"model_type={d.get('model_type')!r}: this is not an OpenELM config")
+        missing = [k for k in ("num_transformer_layers", "model_dim", "head_dim") if k not in d]
+        if missing:
+            raise ConfigError(f"config is missing required field(s): {', '.join(missing)}")
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        L = kwargs["num_transformer_layers"]
+        _check_positive_int("num_transformer_layers", L)
+        groups = kwargs.get("num_gqa_groups") or 1
+        if kwargs.get("num_query_heads") is None:
+            # Short form: derive the lists like HF's OpenELMConfig.__post_init__ does.
+            q, kv, ffn = layerwise_scaling(
+                L,
+                kwargs["model_dim"],
+                kwargs["head_dim"],
+                kwargs.get("qkv_multipliers", (0.5, 1.0)),
+                kwargs.get("ffn_multipliers", (0.5, 4.0)),
+                groups,
+            )
+            kwargs.update(num_query_heads=q, num_kv_heads=kv, ffn_multipliers=ffn)
+        else:
+            if kwargs.get("num_kv_heads") is None:
+                kwargs["num_kv_heads"] = [h // groups for h in kwargs["num_query_heads"]]
+            kwargs["ffn_multipliers"] = _per_layer(
+                "ffn_multipliers", kwargs.get("ffn_multipliers", (0.5, 4.0)), L
+            )
+        kwargs.setdefault("num_gqa_groups", groups)
+        if kwargs["num_gqa_groups"] is None:
+            kwargs["num_gqa_groups"] = 1
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # wrong JSON types for a field
+            raise ConfigError(f"invalid config: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> OpenELMConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise OpenELMError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # --- derived shapes ------------------------------------------------------------------
+    @property
+    def ffn_dims(self) -> list[int]:
+        return [int(make_divisible(m * self.model_dim, self.ffn_dim_divisor)) for m in self.ffn_multipliers]
+
+    def layer_parameters(self, i: int) -> int:
+        d, hd = self.model_dim, self.head_dim
+        q, kv, f = self.num_query_heads[i], self.num_kv_heads[i], self.ffn_dims[i]
+        attn = (q + 2 * kv) * hd * d + d * q * hd + (2 * hd if self.normalize_qk_projections else 0)
+        ffn = (2 if self.ffn_with_glu else 1) * f * d + f * d
+        return attn + ffn + 2 * d  # + attn_norm and ffn_norm
+
+    def num_parameters(self) -> int:
+        head = 0 if self.share_input_output_layers else self.vocab_size * self.model_dim
+        layers = sum(self.layer_parameters(i) for i in range(self.num_transformer_layers))
+        return self.vocab_size * self.model_dim + layers + self.model_dim + head
+
+    def kv_cache_bytes_per_token(self, dtype: str = "float16") -> int:
+        return sum(2 * kv * self.head_dim * _DTYPE_BYTES[dtype] for kv in self.num_kv_heads)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the HF checkpoint, by name (the converter's checklist)."""
+        d, hd = self.model_dim, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"transformer.token_embeddings.weight": (self.vocab_size, d)}
+        for i, (q, kv, f) in enumerate(
+            zip(self.num_query_heads, self.num_kv_heads, self.ffn_dims, strict=True)
+        ):
+            p = f"transformer.layers.{i}."
+            shapes[p + "attn_norm.weight"] = (d,)
+            shapes[p + "attn.qkv_proj.weight"] = ((q + 2 * kv) * hd, d)
+            if self.normalize_qk_projections:
+                shapes[p + "attn.q_norm.weight"] = (hd,)
+                shapes[p + "attn.k_norm.weight"] = (hd,)
+            shapes[p + "attn.out_proj.weight"] = (d, q * hd)
+            shapes[p + "ffn_norm.weight"] = (d,)
+            shapes[p + "ffn.proj_1.weight"] = ((2 if self.ffn_with_glu else 1) * f, d)
+            shapes[p + "ffn.proj_2.weight"] = (d, f)
+        shapes["transformer.norm.weight"] = (d,)
+        if not self.share_input_output_layers:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        return shapes

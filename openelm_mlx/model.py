@@ -1,0 +1,119 @@
+"""OpenELM in MLX.
+
+Module and parameter names mirror the Hugging Face checkpoint
+(``transformer.layers.3.attn.qkv_proj.weight`` ...), so HF weights load unchanged
+and the converted directories also load in ``mlx_lm``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, make_cache
+from .config import OpenELMConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, config: OpenELMConfig, layer: int):
+        super().__init__()
+        self.head_dim = hd = config.head_dim
+        self.n_heads = config.num_query_heads[layer]
+        self.n_kv_heads = config.num_kv_heads[layer]
+        self.scale = hd**-0.5
+        self.rope_base = config.rope_freq_constant
+        # One fused projection: rows are all Q heads, then K heads, then V heads.
+        self.qkv_proj = nn.Linear(config.model_dim, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=False)
+        self.out_proj = nn.Linear(self.n_heads * hd, config.model_dim, bias=False)
+        self.normalize_qk = config.normalize_qk_projections
+        if self.normalize_qk:
+            self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, S, _ = x.shape
+        nq, nkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).reshape(B, S, nq + 2 * nkv, self.head_dim)
+        q, k, v = mx.split(qkv, [nq, nq + nkv], axis=2)
+        if self.normalize_qk:  # per head, over head_dim, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        offset = cache.offset if cache is not None else 0
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # GQA is native to the fused kernel; "causal" is lower-right aligned, which is
+        # what a prefill on top of an existing cache needs.
+        out = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.scale, mask="causal" if S > 1 else None
+        )
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: OpenELMConfig, layer: int):
+        super().__init__()
+        f = config.ffn_dims[layer]
+        self.glu = config.ffn_with_glu
+        self.proj_1 = nn.Linear(config.model_dim, (2 if self.glu else 1) * f, bias=False)
+        self.proj_2 = nn.Linear(f, config.model_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.proj_1(x)
+        if self.glu:
+            gate, up = mx.split(y, 2, axis=-1)  # gate is the first half
+            return self.proj_2(nn.silu(gate) * up)
+        return self.proj_2(nn.silu(y))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: OpenELMConfig, layer: int):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
+        self.attn = Attention(config, layer)
+        self.ffn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
+        self.ffn = FeedForward(config, layer)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        h = x + self.attn(self.attn_norm(x), cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: OpenELMConfig):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.model_dim)
+        self.layers = [TransformerBlock(config, i) for i in range(config.num_transformer_layers)]
+        self.norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.token_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class OpenELM(nn.Module):
+    """``model(tokens[B, S], cache=None) -> logits[B, S, vocab]``."""
+
+    def __init__(self, config: OpenELMConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        if not config.share_input_output_layers:
+            self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.transformer(tokens, cache)
+        if self.config.share_input_output_layers:
+            # as_linear also serves a QuantizedEmbedding, so a quantized tied head works.
+            return self.transformer.token_embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.transformer.layers
+
+    def make_cache(self) -> list[KVCache]:
+        return make_cache(len(self.layers))
