@@ -54,6 +54,39 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert.pipeline import convert
+
+    convert(
+        args.hf_path,
+        args.mlx_path,
+        dtype=args.dtype,
+        quantize_model=args.quantize,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        q_mode=args.q_mode,
+        quant_recipe=args.quant_recipe,
+        tokenizer=args.tokenizer,
+        preset=args.preset,
+        config=args.config,
+        run_verify=not args.no_verify,
+        force=args.force,
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .convert.sources import load_source
+    from .convert.verify import verify
+
+    source = load_source(args.source, preset=args.preset, config_file=args.config)
+    report = verify(source, Path(args.model), num_tokens=args.tokens)
+    print(report)
+    return 0 if report.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openelm-mlx", description="Apple's OpenELM models in MLX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +97,45 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="an HF config.json")
     src.add_argument("--model", help="a model directory holding config.json")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "convert", help="convert Apple's PyTorch weights (HF or CoreNet) to an MLX model directory"
+    )
+    p.add_argument("--hf-path", required=True, help="Hub repo id, HF folder, or a .safetensors/.bin/.pt file")
+    p.add_argument("--mlx-path", required=True, help="output directory (must not exist unless --force)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="auto: the fastest safe dtype for this backend (float32 on CPU, bfloat16 on GPU)",
+    )
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize every Linear and the embedding")
+    p.add_argument("--q-bits", type=int, default=4, help="bits per weight: 2, 3, 4, 5, 6, 8 (affine)")
+    p.add_argument("--q-group-size", type=int, default=None, help="32, 64 (default for affine) or 128")
+    p.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "mxfp8", "nvfp4"])
+    p.add_argument(
+        "--quant-recipe",
+        default=None,
+        help="mixed precision in OpenELM's names: mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6, mixed_4_8",
+    )
+    p.add_argument("--tokenizer", help="tokenizer.model file, a folder holding one, or a Hub repo id")
+    p.add_argument("--preset", help="shapes for a bare checkpoint: 270M, 450M, 1_1B, 3B")
+    p.add_argument("--config", help="shapes for a bare checkpoint: an HF config.json or a CoreNet YAML")
+    p.add_argument("--no-verify", action="store_true", help="skip the check against the float64 reference")
+    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "verify", help="compare a converted model with the float64 reference on its source weights"
+    )
+    p.add_argument(
+        "--source", required=True, help="what was converted: Hub repo id, HF folder or checkpoint file"
+    )
+    p.add_argument("--model", required=True, help="the converted MLX directory")
+    p.add_argument("--tokens", type=int, default=32, help="sequence length to compare (default 32)")
+    p.add_argument("--preset", help="shapes for a bare checkpoint source")
+    p.add_argument("--config", help="config.json or CoreNet YAML for a bare checkpoint source")
+    p.set_defaults(func=cmd_verify)
     return parser
 
 

@@ -12,3 +12,7 @@ class OpenELMError(Exception):
 
 class ConfigError(OpenELMError, ValueError):
     """An invalid model configuration (names the field and the value)."""
+
+
+class CheckpointError(OpenELMError):
+    """A weight file that is malformed, truncated, unsafe or does not fit the config."""

@@ -57,3 +57,30 @@ def build_model(config: OpenELMConfig, weights: dict[str, np.ndarray], dtype=mx.
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     """Max absolute error relative to the logit scale (max |ref|)."""
     return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
+
+
+def train_tokenizer(path, vocab_size: int, seed: int = 0) -> None:
+    """A real SentencePiece model (byte fallback, unk/bos/eos = 0/1/2) of exactly ``vocab_size`` pieces."""
+    import io
+
+    import sentencepiece as spm
+
+    rng = np.random.default_rng(seed)
+    letters = list("etaoinshrdlucmfwypvbgkjqxz")
+    words = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(600)]
+    sentences = [" ".join(rng.choice(words, rng.integers(4, 15))).capitalize() + "." for _ in range(3000)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())

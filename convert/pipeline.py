@@ -1,0 +1,189 @@
+"""``convert``: read a source, cast or quantize tensor by tensor, write, verify, publish."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import CheckpointError, OpenELMError
+from . import hub, quantize, writer
+from .sources import Source, load_source
+from .verify import Report, verify
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+FLOAT16_MAX = 65504.0
+LLAMA2_TOKENIZER_HINT = (
+    "OpenELM uses the Llama-2 SentencePiece tokenizer. Pass --tokenizer with a local tokenizer.model, a folder "
+    "holding one, or a Hub repo id (meta-llama/Llama-2-7b-hf is gated: accept Meta's licence there first), "
+    "or copy a tokenizer.model into the output directory later"
+)
+
+
+@dataclass
+class Result:
+    path: Path
+    dtype: str
+    quantization: dict | None
+    tokenizer: bool
+    report: Report | None
+
+
+def pick_dtype(requested: str, source: Source) -> tuple[str, str]:
+    """(dtype, why). ``auto`` takes the fastest safe dtype for the running backend."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise OpenELMError(f"--dtype {requested}: choose auto, {', '.join(DTYPES)}")
+        return requested, "as requested"
+    if mx.default_device() == mx.cpu:
+        return "float32", "MLX CPU backend: float32 compute and quantization scales run fastest there"
+    return (
+        "bfloat16",
+        "GPU backend: 16-bit halves the bytes read per token; bfloat16 because float16 overflows 3B",
+    )
+
+
+def find_tokenizer(option: str | None, source: Source) -> Path | None:
+    if option is None:
+        return source.tokenizer
+    p = Path(option).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "tokenizer.model").is_file():
+            return p / "tokenizer.model"
+        raise OpenELMError(f"--tokenizer {option}: the folder holds no tokenizer.model")
+    if hub.looks_like_repo_id(option):
+        return hub.download_file(option, "tokenizer.model")
+    raise OpenELMError(f"--tokenizer {option}: no such file, folder or Hub repo id")
+
+
+def check_tokenizer(path: Path, vocab_size: int) -> None:
+    import sentencepiece as spm
+
+    try:
+        n = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError on garbage
+        raise OpenELMError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0][:120]})") from None
+    if n != vocab_size:
+        raise OpenELMError(f"{path}: tokenizer has {n} pieces but the model's vocabulary is {vocab_size}")
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str | Path,
+    *,
+    dtype: str = "auto",
+    quantize_model: bool = False,
+    q_bits: int = 4,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    quant_recipe: str | None = None,
+    tokenizer: str | None = None,
+    preset: str | None = None,
+    config: str | None = None,
+    run_verify: bool = True,
+    verify_tokens: int = 16,
+    force: bool = False,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> Result:
+    dst = Path(mlx_path).expanduser().absolute()
+    if dst.exists() and not force:  # fail before any download
+        raise OpenELMError(f"{dst} already exists; pass --force to replace it")
+    for stale in writer.clean_stale(dst):
+        log(f"removed {stale}, left behind by an interrupted conversion")
+    spec = quantize.check_spec(q_bits, q_group_size, q_mode) if (quantize_model or quant_recipe) else None
+    source = load_source(hf_path, preset=preset, config_file=config)
+    cfg = source.config
+    out_dtype, why = pick_dtype(dtype, source)
+    log(
+        f"source: {hf_path} ({len(source.files)} file(s), {source.source_dtype}, {cfg.num_parameters():,} parameters)"
+    )
+    log(f"dtype: {out_dtype} ({why})")
+    modules = quantize.plan(cfg, spec, quant_recipe) if spec else {}
+    if spec:
+        what = f"recipe {quant_recipe}" if quant_recipe else f"{spec.bits}-bit"
+        log(f"quantizing: {what}, group size {spec.group_size}, mode {spec.mode}")
+    tok_path = find_tokenizer(tokenizer, source)
+    if tok_path is not None:
+        check_tokenizer(tok_path, cfg.vocab_size)
+
+    with writer.staging_dir(dst, force) as tmp:
+        weights = _convert_tensors(source, DTYPES[out_dtype], modules)
+        writer.save_weights(tmp, weights)
+        del weights
+        block = quantize.config_block(spec, modules) if spec else None
+        config_json = cfg.to_dict()
+        if block:
+            config_json["quantization"] = block
+        config_json["openelm_mlx"] = {"source": hf_path, "dtype": out_dtype, "instruct": source.is_instruct}
+        writer.write_json(tmp / "config.json", config_json)
+        gen = source.generation_config or {}
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **gen}
+        writer.write_json(tmp / "generation_config.json", gen)
+        if tok_path is not None:
+            shutil.copyfile(tok_path, tmp / "tokenizer.model")
+            writer.write_json(tmp / "tokenizer_config.json", _TOKENIZER_CONFIG)
+        (tmp / "README.md").write_text(_model_card(hf_path, cfg.num_parameters(), out_dtype, block, tok_path))
+        report = None
+        if run_verify:
+            report = verify(source, tmp, num_tokens=verify_tokens)
+            log(str(report))
+            if not report.passed:
+                raise OpenELMError(f"verification failed; nothing was written to {dst}")
+    log(f"wrote {dst}")
+    if tok_path is None:
+        log(f"warning: no tokenizer.model beside the source. {LLAMA2_TOKENIZER_HINT}")
+    return Result(dst, out_dtype, block, tok_path is not None, report)
+
+
+def _convert_tensors(source: Source, dtype: mx.Dtype, modules: dict) -> dict[str, mx.array]:
+    out: dict[str, mx.array] = {}
+    total = sum(t.nbytes for t in source.tensors.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", leave=False) as bar:
+        for name, t in source.tensors.items():
+            w = t.to_mlx()
+            if dtype == mx.float16 and t.dtype != "float16":
+                peak = float(mx.abs(w.astype(mx.float32)).max())
+                if not np.isfinite(peak) or peak > FLOAT16_MAX:
+                    raise CheckpointError(
+                        f"{t.file}: tensor {name} holds {peak:g}, beyond float16's range; use --dtype bfloat16"
+                    )
+            w = w.astype(dtype)
+            module = name.rsplit(".", 1)[0]
+            spec = modules.get(module)
+            parts = quantize.quantize_weight(module, w, spec) if spec else {name: w}
+            mx.eval(*parts.values())
+            out.update(parts)
+            bar.update(t.nbytes)
+    return out
+
+
+# Lets transformers (and so mlx_lm.load) build the tokenizer from tokenizer.model alone.
+_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "legacy": True,
+}
+
+
+def _model_card(src: str, params: int, dtype: str, quant: dict | None, tokenizer: Path | None) -> str:
+    q = f"{quant['bits']}-bit ({quant['mode']}, group size {quant['group_size']})" if quant else "none"
+    tok = "tokenizer.model (Llama-2 SentencePiece)" if tokenizer else "none: add a Llama-2 tokenizer.model"
+    return (
+        f"# OpenELM in MLX\n\nConverted by openelm-mlx from `{src}`.\n\n"
+        f"- parameters: {params:,}\n- dtype: {dtype}\n- quantization: {q}\n- tokenizer: {tok}\n\n"
+        "Load with `openelm_mlx.load(path)` or `mlx_lm.load(path)`; generate with\n"
+        "`openelm-mlx generate --model PATH --prompt ...`.\n\n"
+        "The weights are Apple's and are under Apple's licence (apple-sample-code-license) for OpenELM.\n"
+    )

@@ -1,0 +1,211 @@
+"""Every kind of input, turned into one ``Source``: a config plus lazily-read tensors in HF names.
+
+- a Hub repo id (``apple/OpenELM-270M-Instruct``), downloaded through huggingface_hub;
+- a local HF folder: ``config.json`` with ``model.safetensors``, sharded safetensors with their
+  index, or ``pytorch_model.bin`` (single or sharded);
+- a single weight file, e.g. a CoreNet ``checkpoint_*.pt``, with ``--preset`` or ``--config``
+  (an HF config.json or a CoreNet YAML) for the shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import OpenELMConfig, preset_name
+from ..errors import CheckpointError, ConfigError, OpenELMError
+from . import hub
+from .safetensors_reader import read_safetensors
+from .tensors import FLOAT_DTYPES, LazyTensor
+from .torch_reader import read_torch_checkpoint, state_dict_tensors
+
+# Non-persistent buffers some exports still carry; they hold no learned weights.
+_IGNORED_SUFFIXES = ("inv_freq", "_cached_cos", "_cached_sin")
+CORENET_PADDED_VOCAB = 32128
+
+
+@dataclass
+class Source:
+    name: str  # what the user passed, for messages and the model card
+    config: OpenELMConfig
+    tensors: dict[str, LazyTensor]  # HF names, shapes checked against config
+    tokenizer: Path | None
+    generation_config: dict | None
+    files: list[Path]
+
+    @property
+    def is_instruct(self) -> bool:
+        return "instruct" in self.name.lower()
+
+    @property
+    def source_dtype(self) -> str:
+        return self.tensors["transformer.token_embeddings.weight"].dtype
+
+
+def load_source(src: str, preset: str | None = None, config_file: str | None = None) -> Source:
+    path = Path(src).expanduser()
+    if not path.exists():
+        if hub.looks_like_repo_id(src):
+            path = hub.download_checkpoint(src)
+        else:
+            raise OpenELMError(
+                f"{src}: no such file or directory (and not a Hub repo id like apple/OpenELM-270M)"
+            )
+    if path.is_dir():
+        files = _weight_files(path)
+        config = _explicit_config(preset, config_file) or _folder_config(path)
+    else:
+        files = [path]
+        config = _explicit_config(preset, config_file)
+        if config is None:
+            beside = path.parent / "config.json"
+            if not beside.is_file():
+                raise OpenELMError(
+                    f"{path}: a single checkpoint file carries no shapes; pass --preset "
+                    "(270M, 450M, 1_1B, 3B) or --config (config.json or CoreNet YAML)"
+                )
+            config = OpenELMConfig.from_json(beside)
+    raw: dict[str, LazyTensor] = {}
+    for f in files:
+        for name, t in _read_any(f).items():
+            if name in raw:
+                raise CheckpointError(f"{f}: tensor {name} appears in more than one shard")
+            raw[name] = t
+    tensors = to_hf_names(raw, config, files[0])
+    folder = path if path.is_dir() else path.parent
+    tok = folder / "tokenizer.model"
+    gen = folder / "generation_config.json"
+    generation_config = None
+    if gen.is_file():
+        try:
+            generation_config = json.loads(gen.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            generation_config = None
+    return Source(src, config, tensors, tok if tok.is_file() else None, generation_config, files)
+
+
+def _explicit_config(preset: str | None, config_file: str | None) -> OpenELMConfig | None:
+    if preset and config_file:
+        raise OpenELMError("--preset and --config are alternatives: pass one of them")
+    if preset:
+        return OpenELMConfig.from_preset(preset)
+    if config_file:
+        p = Path(config_file)
+        if p.suffix in (".yaml", ".yml"):
+            return config_from_corenet_yaml(p)
+        return OpenELMConfig.from_json(p)
+    return None
+
+
+def _folder_config(folder: Path) -> OpenELMConfig:
+    if not (folder / "config.json").is_file():
+        raise OpenELMError(f"{folder}: no config.json; pass --preset or --config to give the model's shapes")
+    return OpenELMConfig.from_json(folder / "config.json")
+
+
+def config_from_corenet_yaml(path: Path) -> OpenELMConfig:
+    """CoreNet names the preset in model.language_modeling.general_gpt.model_name."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+        gpt = doc["model"]["language_modeling"]["general_gpt"]
+        name = gpt["model_name"]
+    except FileNotFoundError:
+        raise OpenELMError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+        raise ConfigError(
+            f"{path}: not a CoreNet OpenELM config (model.language_modeling.general_gpt.model_name not found)"
+        ) from None
+    overrides = {}
+    if isinstance(gpt.get("max_context_length"), int):
+        overrides["max_context_length"] = gpt["max_context_length"]
+    # vocab_size there is the padded 32128; the model's vocabulary stays 32000.
+    return OpenELMConfig.from_preset(preset_name(str(name)), **overrides)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+                raise CheckpointError(f"{index}: not a valid shard index (no weight_map)") from None
+            files = [folder / n for n in names]
+            for f in files:
+                if "/" in str(Path(f).relative_to(folder)) or not f.is_file():
+                    raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).is_file():
+            return [folder / single]
+    found = (
+        sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.pt")) or sorted(folder.glob("*.bin"))
+    )
+    if len(found) == 1:
+        return found
+    raise OpenELMError(
+        f"{folder}: found no weights (model.safetensors, sharded safetensors with their index, "
+        "or pytorch_model.bin)"
+        if not found
+        else f"{folder}: several weight files and no index: pass one file"
+    )
+
+
+def _read_any(path: Path) -> dict[str, LazyTensor]:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"PK":
+        return state_dict_tensors(read_torch_checkpoint(path), path)
+    if path.suffix == ".safetensors" or magic[:1] not in (b"\x80",):
+        return read_safetensors(path)
+    raise CheckpointError(
+        f"{path}: a bare pickle (not a zip-format torch.save file); refusing to read it. "
+        "Re-save it with a current torch.save, or convert it to safetensors"
+    )
+
+
+def to_hf_names(raw: dict[str, LazyTensor], config: OpenELMConfig, where: Path) -> dict[str, LazyTensor]:
+    """Map HF or CoreNet names to HF names and check them against the config's checklist."""
+    corenet = "transformer.token_embeddings.weight" not in raw and "token_embeddings.weight" in raw
+    tensors: dict[str, LazyTensor] = {}
+    for name, t in raw.items():
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if corenet:
+            name = "lm_head.weight" if name == "classifier.weight" else f"transformer.{name}"
+            if name in ("transformer.token_embeddings.weight", "lm_head.weight") and t.shape[:1] == (
+                CORENET_PADDED_VOCAB,
+            ):
+                t = t.first_rows(config.vocab_size)  # CoreNet pads the vocabulary for speed
+        tensors[name] = t.renamed(name)
+    if config.share_input_output_layers and "lm_head.weight" in tensors:
+        # Some exports store the tied head explicitly; it must then equal the embedding.
+        del tensors["lm_head.weight"]
+    expected = config.weight_shapes()
+    missing = [n for n in expected if n not in tensors]
+    extra = [n for n in tensors if n not in expected]
+    if missing:
+        raise CheckpointError(
+            f"{where}: missing tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + " for this config"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{where}: unexpected tensor {extra[0]}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + "; the config has fewer layers or other shapes than these weights"
+        )
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t.shape != shape:
+            raise CheckpointError(
+                f"{t.file}: tensor {name} has shape {list(t.shape)}, the config expects {list(shape)}"
+            )
+        if t.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{t.file}: tensor {name} has dtype {t.dtype}; expected a float type")
+    return {n: tensors[n] for n in expected}

@@ -1,0 +1,110 @@
+"""Load a converted model directory (``config.json`` + ``model*.safetensors``).
+
+The directory layout is mlx_lm's, so the same files load in ``mlx_lm.load``:
+quantized modules are those whose ``<path>.scales`` exist, with the defaults
+and per-module overrides of the ``quantization`` block in ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import OpenELMConfig
+from .errors import CheckpointError, ConfigError, OpenELMError
+from .model import OpenELM
+
+
+def read_config(model_dir: str | Path) -> tuple[OpenELMConfig, dict[str, Any]]:
+    """The parsed config and the raw ``config.json`` dict (which also holds quantization)."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise OpenELMError(f"{model_dir}: no such model directory")
+    if not model_dir.is_dir():
+        raise OpenELMError(f"{model_dir}: not a directory (expected a converted model directory)")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise OpenELMError(
+            f"{model_dir}: not a converted model directory (no config.json); "
+            "create one with `openelm-mlx convert --hf-path SRC --mlx-path DIR`"
+        )
+    config = OpenELMConfig.from_json(path)
+    return config, json.loads(path.read_text())
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise OpenELMError(f"{model_dir}: not a converted model directory (no model*.safetensors)")
+    return files
+
+
+def quantization_predicate(quant: dict[str, Any], weights: dict[str, mx.array]) -> Any:
+    """mlx_lm's rule: per-module override if given, else quantized iff its scales were saved."""
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in quant:
+            return quant[path]
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
+
+    return predicate
+
+
+def load_model(model_dir: str | Path) -> OpenELM:
+    """Build an ``OpenELM`` from a converted directory, checking every tensor's name and shape."""
+    model_dir = Path(model_dir)
+    config, raw = read_config(model_dir)
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(model_dir):
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # MLX raises ValueError/RuntimeError on bad files
+            raise CheckpointError(f"{f}: cannot load safetensors ({e})") from None
+    model = OpenELM(config)
+    quant = raw.get("quantization")
+    if quant is not None:
+        if not isinstance(quant, dict) or not {"group_size", "bits"} <= quant.keys():
+            raise ConfigError(f"{model_dir / 'config.json'}: quantization block needs group_size and bits")
+        try:
+            nn.quantize(
+                model,
+                group_size=quant["group_size"],
+                bits=quant["bits"],
+                mode=quant.get("mode", "affine"),
+                class_predicate=quantization_predicate(quant, weights),
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{model_dir / 'config.json'}: invalid quantization block ({e})") from None
+    check_weights(model, weights, model_dir)
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(expected.keys() - weights.keys())
+    extra = sorted(weights.keys() - expected.keys())
+    if missing:
+        raise CheckpointError(
+            f"{where}: missing tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; the config.json does not match the weights"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{where}: unexpected tensor {extra[0]}"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            + "; the config.json (layers or quantization) does not match the weights"
+        )
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {list(value.shape)}, the config expects "
+                f"{list(expected[name].shape)}"
+            )
