@@ -34,10 +34,7 @@ def _explain(repo_id: str, e: Exception) -> OpenELMError:
         return OpenELMError(
             f"{repo_id}: no such repository on the Hugging Face Hub, or it is private and HF_TOKEN is not set"
         )
-    if (
-        isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled))
-        or "connect" in str(e).lower()
-    ):
+    if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or "connect" in str(e).lower():
         return OpenELMError(
             f"cannot reach the Hugging Face Hub and {repo_id} is not in the local cache ({home}); "
             "connect to the internet, or download the repo elsewhere and pass its local folder"

@@ -98,13 +98,11 @@ def convert(
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
     for stale in writer.clean_stale(dst):
         log(f"removed {stale}, left behind by an interrupted conversion")
-    spec = quantize.check_spec(q_bits, q_group_size, q_mode) if (quantize_model or quant_recipe) else None
+    spec = quantize.check_spec(q_bits, q_group_size, q_mode, quant_recipe) if (quantize_model or quant_recipe) else None
     source = load_source(hf_path, preset=preset, config_file=config)
     cfg = source.config
     out_dtype, why = pick_dtype(dtype, source)
-    log(
-        f"source: {hf_path} ({len(source.files)} file(s), {source.source_dtype}, {cfg.num_parameters():,} parameters)"
-    )
+    log(f"source: {hf_path} ({len(source.files)} file(s), {source.source_dtype}, {cfg.num_parameters():,} parameters)")
     log(f"dtype: {out_dtype} ({why})")
     modules = quantize.plan(cfg, spec, quant_recipe) if spec else {}
     if spec:

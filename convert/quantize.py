@@ -43,7 +43,14 @@ class QuantSpec:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
 
 
-def check_spec(bits: int, group_size: int | None, mode: str) -> QuantSpec:
+def check_spec(bits: int, group_size: int | None, mode: str, recipe: str | None = None) -> QuantSpec:
+    """The validated default spec; with a mixed recipe its bits are the recipe's low width."""
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise OpenELMError(f"--quant-recipe {recipe}: unknown; choose one of {', '.join(RECIPES)}")
+        if mode != "affine":
+            raise OpenELMError(f"--quant-recipe {recipe} needs --q-mode affine")
+        bits = RECIPES[recipe][0]
     if mode not in MODES:
         raise OpenELMError(f"--q-mode {mode}: unknown; choose one of {', '.join(MODES)}")
     allowed_bits, allowed_groups, default_group = MODES[mode]
@@ -51,9 +58,7 @@ def check_spec(bits: int, group_size: int | None, mode: str) -> QuantSpec:
     if bits not in allowed_bits:
         raise OpenELMError(f"--q-bits {bits}: mode {mode} supports {', '.join(map(str, allowed_bits))}")
     if group_size not in allowed_groups:
-        raise OpenELMError(
-            f"--q-group-size {group_size}: mode {mode} supports {', '.join(map(str, allowed_groups))}"
-        )
+        raise OpenELMError(f"--q-group-size {group_size}: mode {mode} supports {', '.join(map(str, allowed_groups))}")
     return QuantSpec(bits, group_size, mode)
 
 
@@ -79,11 +84,9 @@ def _sensitive(module: str, num_layers: int) -> bool:
 
 
 def plan(config: OpenELMConfig, spec: QuantSpec, recipe: str | None = None) -> dict[str, QuantSpec | None]:
-    """Per quantizable module: its QuantSpec, or None where the shape does not allow quantizing."""
-    if recipe is not None and recipe not in RECIPES:
-        raise OpenELMError(f"--quant-recipe {recipe}: unknown; choose one of {', '.join(RECIPES)}")
-    if recipe is not None and spec.mode != "affine":
-        raise OpenELMError(f"--quant-recipe {recipe} needs --q-mode affine")
+    """Per quantizable module: its QuantSpec, or None where the shape does not allow quantizing.
+
+    ``spec`` comes from ``check_spec``, which has validated ``recipe``."""
     shapes = config.weight_shapes()
     result: dict[str, QuantSpec | None] = {}
     for module in quantizable_modules(config):
@@ -92,9 +95,7 @@ def plan(config: OpenELMConfig, spec: QuantSpec, recipe: str | None = None) -> d
             low, high = RECIPES[recipe]
             bits = high if _sensitive(module, config.num_transformer_layers) else low
         in_dim = shapes[module + ".weight"][1]
-        result[module] = (
-            QuantSpec(bits, spec.group_size, spec.mode) if in_dim % spec.group_size == 0 else None
-        )
+        result[module] = QuantSpec(bits, spec.group_size, spec.mode) if in_dim % spec.group_size == 0 else None
     return result
 
 

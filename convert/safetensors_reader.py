@@ -41,9 +41,7 @@ def read_safetensors(path: str | Path) -> dict[str, LazyTensor]:
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(
-            f"{path}: safetensors header is not valid JSON (truncated or corrupt file)"
-        ) from None
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON (truncated or corrupt file)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_start, data_len = 8 + n, size - 8 - n
@@ -65,9 +63,7 @@ def _tensor(path: Path, name: str, info: object, data_start: int, data_len: int)
     if dtype is None:
         raise bad(f"unsupported dtype {info.get('dtype')!r}")
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not isinstance(shape, list) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
-    ):
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise bad(f"invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
@@ -77,13 +73,9 @@ def _tensor(path: Path, name: str, info: object, data_start: int, data_len: int)
         raise bad(f"invalid data_offsets {offsets!r}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise bad(
-            f"data_offsets {offsets} lie outside the file's {data_len} data bytes (truncated or corrupt)"
-        )
+        raise bad(f"data_offsets {offsets} lie outside the file's {data_len} data bytes (truncated or corrupt)")
     nbytes = math.prod(shape) * DTYPES[dtype][1]
     if end - begin != nbytes:
         raise bad(f"data_offsets span {end - begin} bytes but shape {shape} of {dtype} needs {nbytes}")
     numel = math.prod(shape)
-    return LazyTensor(
-        path, data_start + begin, numel, dtype, tuple(shape), contiguous_strides(tuple(shape)), 0, name
-    )
+    return LazyTensor(path, data_start + begin, numel, dtype, tuple(shape), contiguous_strides(tuple(shape)), 0, name)

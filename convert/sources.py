@@ -49,9 +49,7 @@ def load_source(src: str, preset: str | None = None, config_file: str | None = N
         if hub.looks_like_repo_id(src):
             path = hub.download_checkpoint(src)
         else:
-            raise OpenELMError(
-                f"{src}: no such file or directory (and not a Hub repo id like apple/OpenELM-270M)"
-            )
+            raise OpenELMError(f"{src}: no such file or directory (and not a Hub repo id like apple/OpenELM-270M)")
     if path.is_dir():
         files = _weight_files(path)
         config = _explicit_config(preset, config_file) or _folder_config(path)
@@ -142,14 +140,11 @@ def _weight_files(folder: Path) -> list[Path]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
             return [folder / single]
-    found = (
-        sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.pt")) or sorted(folder.glob("*.bin"))
-    )
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.pt")) or sorted(folder.glob("*.bin"))
     if len(found) == 1:
         return found
     raise OpenELMError(
-        f"{folder}: found no weights (model.safetensors, sharded safetensors with their index, "
-        "or pytorch_model.bin)"
+        f"{folder}: found no weights (model.safetensors, sharded safetensors with their index, or pytorch_model.bin)"
         if not found
         else f"{folder}: several weight files and no index: pass one file"
     )

@@ -108,9 +108,7 @@ class LazyTensor:
         for n in reversed(self.shape):
             expected.append(acc)
             acc *= n
-        return all(
-            n == 1 or s == e for n, s, e in zip(self.shape, self.strides, reversed(expected), strict=True)
-        )
+        return all(n == 1 or s == e for n, s, e in zip(self.shape, self.strides, reversed(expected), strict=True))
 
     def to_mlx(self) -> mx.array:
         """An MLX array in the tensor's own dtype (bfloat16 stays bit-exact)."""

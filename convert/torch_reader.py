@@ -173,9 +173,7 @@ def read_torch_checkpoint(path: str | Path) -> Any:
         try:
             data = zf.read(pkl[0])
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            raise CheckpointError(
-                f"{path}: cannot read data.pkl ({e}); the file is truncated or corrupt"
-            ) from None
+            raise CheckpointError(f"{path}: cannot read data.pkl ({e}); the file is truncated or corrupt") from None
         prefix = pkl[0][: -len("data.pkl")].rstrip("/")
         unpickler = _SafeUnpickler(data, path, zf, prefix)
         try:

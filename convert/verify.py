@@ -49,9 +49,7 @@ class Report:
     def passed(self) -> bool:
         t = self.tolerance
         finite = np.isfinite([self.max_rel_err, self.kl]).all()
-        return bool(
-            finite and self.max_rel_err <= t.max_rel_err and self.top1 >= t.min_top1 and self.kl <= t.max_kl
-        )
+        return bool(finite and self.max_rel_err <= t.max_rel_err and self.top1 >= t.min_top1 and self.kl <= t.max_kl)
 
     def __str__(self) -> str:
         t = self.tolerance

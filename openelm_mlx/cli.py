@@ -98,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="a model directory holding config.json")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser(
-        "convert", help="convert Apple's PyTorch weights (HF or CoreNet) to an MLX model directory"
-    )
+    p = sub.add_parser("convert", help="convert Apple's PyTorch weights (HF or CoreNet) to an MLX model directory")
     p.add_argument("--hf-path", required=True, help="Hub repo id, HF folder, or a .safetensors/.bin/.pt file")
     p.add_argument("--mlx-path", required=True, help="output directory (must not exist unless --force)")
     p.add_argument(
@@ -125,12 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser(
-        "verify", help="compare a converted model with the float64 reference on its source weights"
-    )
-    p.add_argument(
-        "--source", required=True, help="what was converted: Hub repo id, HF folder or checkpoint file"
-    )
+    p = sub.add_parser("verify", help="compare a converted model with the float64 reference on its source weights")
+    p.add_argument("--source", required=True, help="what was converted: Hub repo id, HF folder or checkpoint file")
     p.add_argument("--model", required=True, help="the converted MLX directory")
     p.add_argument("--tokens", type=int, default=32, help="sequence length to compare (default 32)")
     p.add_argument("--preset", help="shapes for a bare checkpoint source")

@@ -54,8 +54,7 @@ def _per_layer(name: str, value: Any, num_layers: int) -> list[float]:
         if len(value) == num_layers:
             return [float(v) for v in value]
     raise ConfigError(
-        f"{name}={value!r}: expected a number, a [start, end] pair or one value per layer "
-        f"({num_layers} layers)"
+        f"{name}={value!r}: expected a number, a [start, end] pair or one value per layer ({num_layers} layers)"
     )
 
 
@@ -148,13 +147,9 @@ class OpenELMConfig:
         self.num_query_heads = [int(h) for h in self.num_query_heads]
         self.num_kv_heads = [int(h) for h in self.num_kv_heads]
         self.ffn_multipliers = [float(m) for m in self.ffn_multipliers]
-        for i, (q, kv, m) in enumerate(
-            zip(self.num_query_heads, self.num_kv_heads, self.ffn_multipliers, strict=True)
-        ):
+        for i, (q, kv, m) in enumerate(zip(self.num_query_heads, self.num_kv_heads, self.ffn_multipliers, strict=True)):
             if q <= 0 or kv <= 0:
-                raise ConfigError(
-                    f"layer {i}: num_query_heads={q}, num_kv_heads={kv}: head counts must be positive"
-                )
+                raise ConfigError(f"layer {i}: num_query_heads={q}, num_kv_heads={kv}: head counts must be positive")
             if q % kv:
                 raise ConfigError(f"layer {i}: num_query_heads={q} is not divisible by num_kv_heads={kv}")
             if not m > 0:
@@ -192,9 +187,7 @@ class OpenELMConfig:
             num_kv_heads=kv,
             ffn_multipliers=ffn,
             num_gqa_groups=num_gqa_groups,
-            qkv_multipliers=list(qkv_multipliers)
-            if isinstance(qkv_multipliers, (list, tuple))
-            else qkv_multipliers,
+            qkv_multipliers=list(qkv_multipliers) if isinstance(qkv_multipliers, (list, tuple)) else qkv_multipliers,
             **overrides,
         )
 
@@ -232,9 +225,7 @@ class OpenELMConfig:
         else:
             if kwargs.get("num_kv_heads") is None:
                 kwargs["num_kv_heads"] = [h // groups for h in kwargs["num_query_heads"]]
-            kwargs["ffn_multipliers"] = _per_layer(
-                "ffn_multipliers", kwargs.get("ffn_multipliers", (0.5, 4.0)), L
-            )
+            kwargs["ffn_multipliers"] = _per_layer("ffn_multipliers", kwargs.get("ffn_multipliers", (0.5, 4.0)), L)
         kwargs.setdefault("num_gqa_groups", groups)
         if kwargs["num_gqa_groups"] is None:
             kwargs["num_gqa_groups"] = 1
@@ -284,9 +275,7 @@ class OpenELMConfig:
         """Every tensor of the HF checkpoint, by name (the converter's checklist)."""
         d, hd = self.model_dim, self.head_dim
         shapes: dict[str, tuple[int, ...]] = {"transformer.token_embeddings.weight": (self.vocab_size, d)}
-        for i, (q, kv, f) in enumerate(
-            zip(self.num_query_heads, self.num_kv_heads, self.ffn_dims, strict=True)
-        ):
+        for i, (q, kv, f) in enumerate(zip(self.num_query_heads, self.num_kv_heads, self.ffn_dims, strict=True)):
             p = f"transformer.layers.{i}."
             shapes[p + "attn_norm.weight"] = (d,)
             shapes[p + "attn.qkv_proj.weight"] = ((q + 2 * kv) * hd, d)

@@ -105,6 +105,5 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise CheckpointError(
-                f"{where}: tensor {name} has shape {list(value.shape)}, the config expects "
-                f"{list(expected[name].shape)}"
+                f"{where}: tensor {name} has shape {list(value.shape)}, the config expects {list(expected[name].shape)}"
             )

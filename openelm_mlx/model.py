@@ -45,9 +45,7 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         # GQA is native to the fused kernel; "causal" is lower-right aligned, which is
         # what a prefill on top of an existing cache needs.
-        out = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask="causal" if S > 1 else None
-        )
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if S > 1 else None)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
 

@@ -10,9 +10,7 @@ from openelm_mlx import OpenELM, OpenELMConfig
 # Small configs covering every architectural switch; query heads differ per layer in all.
 SMALL_CONFIGS = {
     "tied": dict(num_transformer_layers=4, model_dim=128, head_dim=16, vocab_size=512),
-    "untied": dict(
-        num_transformer_layers=3, model_dim=96, head_dim=8, vocab_size=300, share_input_output_layers=False
-    ),
+    "untied": dict(num_transformer_layers=3, model_dim=96, head_dim=8, vocab_size=300, share_input_output_layers=False),
     "no_qk_norm": dict(
         num_transformer_layers=3, model_dim=128, head_dim=16, vocab_size=256, normalize_qk_projections=False
     ),
@@ -84,3 +82,103 @@ def train_tokenizer(path, vocab_size: int, seed: int = 0) -> None:
     )
     with open(path, "wb") as f:
         f.write(buf.getvalue())
+
+
+# --- checkpoints in Apple's layouts -------------------------------------------------------------
+def require_torch():
+    """torch for writing real torch.save files; CI sets OPENELM_REQUIRE_TORCH so a missing torch fails."""
+    import os
+
+    import pytest
+
+    if os.environ.get("OPENELM_REQUIRE_TORCH"):
+        import torch
+
+        return torch
+    return pytest.importorskip("torch")
+
+
+def _shards(weights: dict, n: int) -> list[dict]:
+    names = list(weights)
+    size = -(-len(names) // n)
+    return [{k: weights[k] for k in names[i : i + size]} for i in range(0, len(names), size)]
+
+
+def write_hf_folder(folder, config, weights, fmt="safetensors", shards=1, dtype="float32", tokenizer=True):
+    """An HF OpenELM folder: config.json + model.safetensors / pytorch_model.bin, optionally sharded."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    parts = _shards(weights, shards)
+    if fmt == "safetensors":
+        torch = require_torch() if dtype == "bfloat16" else None
+        if torch is not None:
+            from safetensors.torch import save_file as save_torch
+
+            def save(d, p):
+                save_torch({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in d.items()}, str(p))
+        else:
+            from safetensors.numpy import save_file as save_np
+
+            def save(d, p):
+                save_np({k: v.astype(dtype) for k, v in d.items()}, str(p))
+
+        stem, ext, index = "model", "safetensors", "model.safetensors.index.json"
+    else:
+        torch = require_torch()
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+        def save(d, p):
+            torch.save({k: torch.from_numpy(v).to(tdtype) for k, v in d.items()}, str(p))
+
+        stem, ext, index = "pytorch_model", "bin", "pytorch_model.bin.index.json"
+    if shards == 1:
+        save(parts[0], folder / f"{stem}.{ext}")
+    else:
+        weight_map = {}
+        for i, part in enumerate(parts):
+            fname = f"{stem}-{i + 1:05d}-of-{len(parts):05d}.{ext}"
+            save(part, folder / fname)
+            weight_map.update(dict.fromkeys(part, fname))
+        (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if tokenizer:
+        train_tokenizer(folder / "tokenizer.model", config.vocab_size)
+    return folder
+
+
+def write_corenet_checkpoint(path, weights, training=False, dtype="float32"):
+    """CoreNet's checkpoint_*.pt: names without 'transformer.', vocabulary padded to 32128 rows,
+    an untied head named classifier.weight; training checkpoints wrap it with optimizer state."""
+    from collections import OrderedDict
+
+    torch = require_torch()
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    sd = OrderedDict()
+    for name, w in weights.items():
+        name = "classifier.weight" if name == "lm_head.weight" else name[len("transformer.") :]
+        t = torch.from_numpy(w).to(tdtype)
+        if name in ("token_embeddings.weight", "classifier.weight"):
+            t = torch.cat([t, torch.randn(32128 - t.shape[0], t.shape[1]).to(tdtype)])
+        sd[name] = t
+    obj = sd
+    if training:
+        obj = {
+            "epoch": 3,
+            "iterations": 5000,
+            "model_state_dict": sd,
+            "optim_state_dict": {
+                "state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.zeros(4)}},
+                "param_groups": [{"lr": 1e-3, "params": [0]}],
+            },
+            "best_metric": 2.5,
+        }
+    torch.save(obj, str(path))
+    return path
+
+
+def corenet_config(**overrides):
+    """A small layer-wise-scaled config with the real vocabulary (CoreNet pads it to 32128)."""
+    return OpenELMConfig.scaled(num_transformer_layers=3, model_dim=64, head_dim=16, vocab_size=32000, **overrides)

@@ -56,9 +56,7 @@ def test_make_divisible_never_loses_more_than_ten_percent():
         assert make_divisible(v, 64) >= 0.9 * v and make_divisible(v, 64) % 64 == 0
 
 
-@pytest.mark.parametrize(
-    "name", ["270M", "OpenELM-270M", "apple/OpenELM-270M-Instruct", "openelm-270m", "1.1B"]
-)
+@pytest.mark.parametrize("name", ["270M", "OpenELM-270M", "apple/OpenELM-270M-Instruct", "openelm-270m", "1.1B"])
 def test_preset_names(name):
     OpenELMConfig.from_preset(name)
 

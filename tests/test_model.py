@@ -46,9 +46,7 @@ def test_reference_detects_a_wrong_weight():
     weights = random_weights(config)
     tokens = tokens_for(config)
     ours = np.array(build_model(config, weights)(mx.array(tokens)))
-    weights["transformer.layers.1.attn.k_norm.weight"] = (
-        weights["transformer.layers.1.attn.k_norm.weight"] * 1.5
-    )
+    weights["transformer.layers.1.attn.k_norm.weight"] = weights["transformer.layers.1.attn.k_norm.weight"] * 1.5
     assert rel_err(ours, reference.forward(config, weights, tokens)) > 100 * TOL
 
 
