@@ -116,6 +116,7 @@ def convert(
         weights = _convert_tensors(source, DTYPES[out_dtype], modules)
         writer.save_weights(tmp, weights)
         del weights
+        mx.clear_cache()  # hand the written buffers back before verify loads the model again
         block = quantize.config_block(spec, modules) if spec else None
         config_json = cfg.to_dict()
         if block:

@@ -2,7 +2,8 @@
 
 from .config import OpenELMConfig
 from .errors import OpenELMError
+from .generate import GenerationResponse, generate, load, stream_generate
 from .model import OpenELM
 
-__all__ = ["OpenELM", "OpenELMConfig", "OpenELMError"]
+__all__ = ["GenerationResponse", "OpenELM", "OpenELMConfig", "OpenELMError", "generate", "load", "stream_generate"]
 __version__ = "0.1.0"

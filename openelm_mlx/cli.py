@@ -87,6 +87,149 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _read_prompt(prompt: str) -> str:
+    if prompt != "-":
+        return prompt
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OpenELMError(f"standard input is not valid UTF-8 (byte {e.start}); pass text encoded as UTF-8") from None
+
+
+def _load_for_generation(args: argparse.Namespace):
+    from .generate import load
+
+    model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+    draft = None
+    if getattr(args, "draft_model", None):
+        draft, _ = load(args.draft_model, tokenizer=args.tokenizer)
+    return model, tokenizer, draft
+
+
+def _figures(r, verbose: bool) -> str:
+    line = (
+        f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
+        f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
+        f"peak memory: {r.peak_memory_gb:.2f} GB"
+    )
+    if verbose and r.draft_proposed:
+        rate = r.draft_accepted / r.draft_proposed
+        line += f" | drafts accepted: {r.draft_accepted}/{r.draft_proposed} ({rate:.0%})"
+    return line
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import stream_generate
+
+    prompt = _read_prompt(args.prompt)
+    model, tokenizer, draft = _load_for_generation(args)
+    last = None
+    interrupted = False
+    try:
+        for r in stream_generate(
+            model,
+            tokenizer,
+            prompt,
+            max_tokens=args.max_tokens,
+            temp=args.temp,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            system_prompt=args.system_prompt,
+            chat_template=args.chat_template,
+            draft_model=draft,
+            num_draft_tokens=args.num_draft_tokens,
+            prompt_lookup=args.prompt_lookup,
+        ):
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+            last = r
+    except KeyboardInterrupt:
+        interrupted = True
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is not None:
+        print(_figures(last, args.verbose), file=sys.stderr)
+    if interrupted:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+
+    model, tokenizer, _ = _load_for_generation(args)
+    sampling = {
+        "temp": args.temp,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    session = ChatSession(model, tokenizer, args.system_prompt, args.max_tokens, sampling=sampling, seed=args.seed)
+    print("openelm-mlx chat: /reset starts over, /quit ends (or Ctrl-D)", file=sys.stderr)
+    while True:
+        try:
+            print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            return 0
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/quit":
+            return 0
+        if message == "/reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        try:
+            for piece in session.send(message):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        except OpenELMError as e:
+            if "context" not in str(e):
+                raise
+            print(
+                f"\nthe context is full ({model.config.max_context_length} tokens): /reset to start over",
+                file=sys.stderr,
+            )
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(
+            f"[{session.last_prompt_tokens} new prompt tokens, {session.context_left()} tokens of context left]",
+            file=sys.stderr,
+        )
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a converted model directory (or anything convert reads)")
+    p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="Hugging Face semantics, over the whole context; Apple recommends 1.2 for OpenELM",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed reproduces a run")
+    p.add_argument("--system-prompt", default=None, help="system prompt for Instruct models")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openelm-mlx", description="Apple's OpenELM models in MLX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -130,6 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="shapes for a bare checkpoint source")
     p.add_argument("--config", help="config.json or CoreNet YAML for a bare checkpoint source")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("generate", help="generate text, streamed to stdout; figures go to stderr")
+    _add_sampling_flags(p)
+    p.add_argument("--prompt", required=True, help="the prompt, or - to read it from standard input")
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "instruct", "none"],
+        help="auto: the Instruct template for Instruct models, plain text otherwise",
+    )
+    p.add_argument("--draft-model", help="a smaller OpenELM for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens the draft model proposes per step")
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prompt-lookup decoding: propose N tokens copied from the context (Apple uses 10)",
+    )
+    p.add_argument("--verbose", action="store_true", help="also report the draft acceptance rate")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat with an Instruct model; the KV cache is kept across turns")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -83,6 +83,8 @@ def load_model(model_dir: str | Path) -> OpenELM:
     check_weights(model, weights, model_dir)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
+    meta = raw.get("openelm_mlx") if isinstance(raw.get("openelm_mlx"), dict) else {}
+    model.is_instruct = bool(meta.get("instruct")) or "instruct" in model_dir.name.lower()
     return model
 
 

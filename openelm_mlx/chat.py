@@ -1,0 +1,92 @@
+"""The OpenELM Instruct template and a multi-turn chat that keeps its KV cache.
+
+Apple tuned the Instruct models with plain-text role markers, each turn ended by
+EOS: ``<|system|>\\n{sys}</s>\\n<|user|>\\n{msg}</s>\\n<|assistant|>\\n``.  (The
+Llama-2 ``[INST]`` template produces garbage with them.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .errors import OpenELMError
+
+
+def turn_text(message: str, system_prompt: str | None = None) -> str:
+    text = f"<|system|>\n{system_prompt}</s>\n" if system_prompt else ""
+    return text + f"<|user|>\n{message}</s>\n<|assistant|>\n"
+
+
+def format_prompt(prompt: str, instruct: bool, system_prompt: str | None = None, chat_template: str = "auto") -> str:
+    """``chat_template``: 'auto' (the template for Instruct models), 'instruct' (always) or 'none'."""
+    if chat_template not in ("auto", "instruct", "none"):
+        raise OpenELMError(f"--chat-template {chat_template}: choose auto, instruct or none")
+    if chat_template == "instruct" or (chat_template == "auto" and instruct):
+        return turn_text(prompt, system_prompt)
+    if system_prompt:
+        raise OpenELMError(
+            "--system-prompt needs the Instruct template (an Instruct model or --chat-template instruct)"
+        )
+    return prompt
+
+
+class ChatSession:
+    """Keeps the conversation's tokens and KV cache; each turn feeds only what is new."""
+
+    def __init__(self, model, tokenizer, system_prompt: str | None = None, max_tokens: int = 512, **options):
+        self.model, self.tokenizer = model, tokenizer
+        self.system_prompt, self.max_tokens, self.options = system_prompt, max_tokens, options
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.model.make_cache()
+        self.history: list[int] = []
+        self.last_prompt_tokens = 0
+        self.reply_start = 0  # index in history where the last reply begins
+
+    def send(self, message: str) -> Iterator[str]:
+        """Stream the reply's text; the reply and its EOS stay in the cache for the next turn."""
+        from .generate import DecodeStats, generate_tokens
+        from .sampling import SamplingOptions
+
+        if not message.strip():
+            raise OpenELMError("the message is empty")
+        first = not self.history
+        text = turn_text(message, self.system_prompt if first else None)
+        if not first:
+            # Close the previous reply as the template does: EOS (unless it stopped on one), then "\n".
+            closed = self.history[-1] == self.tokenizer.eos_id
+            text = ("" if closed else "</s>") + "\n" + text
+        ids = self.tokenizer.encode(text, add_bos=first)
+        self.reply_start = len(self.history) + len(ids)
+        stats = DecodeStats()
+        sampling = SamplingOptions(**self.options.get("sampling", {}))
+        detok = self.tokenizer.detokenizer()
+        steps = generate_tokens(
+            self.model,
+            ids,
+            max_tokens=self.max_tokens,
+            sampling=sampling,
+            seed=self.options.get("seed"),
+            cache=self.cache,
+            history=self.history,
+            stats=stats,
+        )
+        try:
+            for tok in steps:
+                if tok == self.model.config.eos_token_id:
+                    break
+                piece = detok.add(tok)
+                if piece:
+                    yield piece
+            rest = detok.finalize()
+            if rest:
+                yield rest
+        finally:
+            self.last_prompt_tokens = stats.prompt_tokens
+            # Keep the cache in step with the history (an interrupted turn may have queued one more).
+            for c in self.cache:
+                c.trim(max(0, c.offset - len(self.history)))
+
+    def context_left(self) -> int:
+        return self.model.config.max_context_length - len(self.history)
