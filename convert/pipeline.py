@@ -94,10 +94,10 @@ def convert(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> Result:
     dst = Path(mlx_path).expanduser().absolute()
+    for message in writer.clean_stale(dst):
+        log(message)
     if dst.exists() and not force:  # fail before any download
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
-    for stale in writer.clean_stale(dst):
-        log(f"removed {stale}, left behind by an interrupted conversion")
     spec = quantize.check_spec(q_bits, q_group_size, q_mode, quant_recipe) if (quantize_model or quant_recipe) else None
     source = load_source(hf_path, preset=preset, config_file=config)
     cfg = source.config

@@ -60,6 +60,10 @@ class LazyTensor:
                 f"{self.file}: tensor {self.name!r} of shape {list(self.shape)} reaches past the end of its storage"
             )
 
+    def __setstate__(self, state: Any) -> None:
+        # pickle's BUILD could otherwise point a tensor at another file
+        raise CheckpointError("a checkpoint's pickle tried to modify a tensor reference")
+
     def _span(self) -> int:
         if any(s == 0 for s in self.shape):
             return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .tensors import DTYPES, LazyTensor
 
-_MAX_PICKLE_BYTES = 512 * 2**20
+_MAX_PICKLE_BYTES = 64 * 2**20  # a 3B model's data.pkl is about 100 KB
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
@@ -109,10 +110,7 @@ class _SafeUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except (KeyError, TypeError):
-            raise RefusedGlobal(
-                f"{self.path}: refused: the pickle asks for the global '{module}.{name}', which is not "
-                "a tensor type on the allow-list; a checkpoint is never allowed to run code"
-            ) from None
+            raise _refuse(self.path, str(module), str(name)) from None
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -128,6 +126,29 @@ class _SafeUnpickler(pickle.Unpickler):
                 )
             self.storages[key] = _Storage(self.path, offset, numel, str(dtype))
         return self.storages[key]
+
+
+def _refuse(path: Path, module: str, name: str) -> RefusedGlobal:
+    return RefusedGlobal(
+        f"{path}: refused: the pickle asks for the global '{module}.{name}', which is not "
+        "a tensor type on the allow-list; a checkpoint is never allowed to run code"
+    )
+
+
+def _prescan(data: bytes, path: Path) -> None:
+    """Walk the opcodes without executing any: every length field is checked against the bytes
+    actually present (so no allocation follows an untrusted size), and a GLOBAL/INST naming
+    anything off the allow-list is refused before unpickling starts."""
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                module, _, name = str(arg).partition(" ")
+                if (module, name) not in _ALLOWED:
+                    raise _refuse(path, module, name)
+    except CheckpointError:
+        raise
+    except Exception as e:  # ValueError from genops: truncated or malformed opcode stream
+        raise CheckpointError(f"{path}: malformed pickle ({str(e)[:160]})") from None
 
 
 def _member_data_span(path: Path, zf: zipfile.ZipFile, member: str) -> tuple[int, int]:
@@ -175,11 +196,14 @@ def read_torch_checkpoint(path: str | Path) -> Any:
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read data.pkl ({e}); the file is truncated or corrupt") from None
         prefix = pkl[0][: -len("data.pkl")].rstrip("/")
+        _prescan(data, path)
         unpickler = _SafeUnpickler(data, path, zf, prefix)
         try:
             obj = unpickler.load()
-        except CheckpointError:
-            raise
+        except CheckpointError as e:  # from a stand-in: make sure the message names the file
+            if str(e).startswith(str(path)):
+                raise
+            raise CheckpointError(f"{path}: {e}") from None
         except RecursionError:
             raise CheckpointError(f"{path}: the pickle nests too deeply") from None
         except Exception as e:  # any malformed pickle: report it, never a traceback

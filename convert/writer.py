@@ -34,23 +34,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(dst: Path) -> list[Path]:
-    """Remove temporary siblings of ``dst`` left by runs that died; returns what was removed."""
-    removed = []
-    for p in dst.parent.glob(f".{dst.name}.*"):
+def clean_stale(dst: Path) -> list[str]:
+    """Tidy up after runs that died; returns a message per thing done.
+
+    A killed ``--force`` run may have moved the previous ``dst`` aside and not yet put the
+    new one in place: the previous one is restored.  Partial outputs are removed.
+    """
+    done = []
+    for p in sorted(dst.parent.glob(f".{dst.name}.*")):
         for marker in (_PARTIAL, _OLD):
             tail = p.name[len(f".{dst.name}") :]
-            if tail.startswith(marker) and tail[len(marker) :].isdigit():
-                if not _pid_alive(int(tail[len(marker) :])):
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(p)
-    return removed
+            if not (tail.startswith(marker) and tail[len(marker) :].isdigit()):
+                continue
+            if _pid_alive(int(tail[len(marker) :])):
+                continue
+            if marker == _OLD and not dst.exists():
+                os.rename(p, dst)
+                done.append(f"restored {dst} from {p.name}, left aside by an interrupted --force conversion")
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p}, left behind by an interrupted conversion")
+    return done
 
 
 @contextmanager
 def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``dst``; on success it becomes ``dst``, else it vanishes."""
     dst = dst.expanduser().absolute()
+    clean_stale(dst)
     if dst.exists() and not force:
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
     if not dst.parent.is_dir():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from .config import OpenELMConfig
 from .errors import OpenELMError
@@ -19,8 +20,6 @@ def _config_from_args(args: argparse.Namespace) -> OpenELMConfig:
         return OpenELMConfig.from_preset(args.preset)
     if args.config:
         return OpenELMConfig.from_json(args.config)
-    from pathlib import Path
-
     path = Path(args.model)
     return OpenELMConfig.from_json(path / "config.json" if path.is_dir() else path)
 
@@ -76,8 +75,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .convert.sources import load_source
     from .convert.verify import verify
 
@@ -97,10 +94,24 @@ def _read_prompt(prompt: str) -> str:
         raise OpenELMError(f"standard input is not valid UTF-8 (byte {e.start}); pass text encoded as UTF-8") from None
 
 
+BUNDLED_MODEL = Path(__file__).parent / "bundled" / "openelm-tiny-kjv"
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    print(
+        f"no --model given: using the bundled OpenELM-tiny-KJV ({BUNDLED_MODEL}), a 4.7M-parameter OpenELM "
+        "trained on the King James Bible; pass --model for a real OpenELM",
+        file=sys.stderr,
+    )
+    return str(BUNDLED_MODEL)
+
+
 def _load_for_generation(args: argparse.Namespace):
     from .generate import load
 
-    model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+    model, tokenizer = load(_model_path(args), tokenizer=args.tokenizer)
     draft = None
     if getattr(args, "draft_model", None):
         draft, _ = load(args.draft_model, tokenizer=args.tokenizer)
@@ -108,6 +119,8 @@ def _load_for_generation(args: argparse.Namespace):
 
 
 def _figures(r, verbose: bool) -> str:
+    from .blas import describe
+
     line = (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
@@ -116,6 +129,10 @@ def _figures(r, verbose: bool) -> str:
     if verbose and r.draft_proposed:
         rate = r.draft_accepted / r.draft_proposed
         line += f" | drafts accepted: {r.draft_accepted}/{r.draft_proposed} ({rate:.0%})"
+    if verbose:
+        import mlx.core as mx
+
+        line += f" | backend: {mx.default_device()}, BLAS: {describe()}"
     return line
 
 
@@ -212,8 +229,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
         )
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from .generate import load
+    from .perplexity import token_nll
+
+    path = Path(args.text)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise OpenELMError(f"{path}: no such text file") from None
+    except UnicodeDecodeError as e:
+        raise OpenELMError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    model, tokenizer = load(_model_path(args), tokenizer=args.tokenizer)
+    ids = tokenizer.encode(text)
+    nll, n = token_nll(model, ids, window=args.window, stride=args.stride)
+    print(f"perplexity: {math.exp(nll / n):.3f} over {n:,} tokens ({nll / n:.4f} nats/token) of {path}")
+    return 0
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a converted model directory (or anything convert reads)")
+    p.add_argument("--model", help="a converted model directory (or anything convert reads); default: the bundled one")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
@@ -298,11 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="multi-turn chat with an Instruct model; the KV cache is kept across turns")
     _add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="perplexity of a model over a UTF-8 text file (sliding over the context)")
+    p.add_argument("--model", help="model directory; default: the bundled one")
+    p.add_argument("--text", required=True, help="a UTF-8 text file")
+    p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
+    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
+    p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: window/2)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # a real command line: restart once on a fast BLAS if one is installed
+        from .blas import use_fast_blas
+
+        use_fast_blas()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -49,10 +49,10 @@ def _per_layer(name: str, value: Any, num_layers: int) -> list[float]:
     if isinstance(value, (list, tuple)):
         if len(value) == 2:
             # linspace over the layers, rounded to 2 decimals exactly as Apple does.
-            lo, hi = float(value[0]), float(value[1])
+            lo, hi = _as_float(value[0], name), _as_float(value[1], name)
             return [round(float(v), 2) for v in np.linspace(lo, hi, num=num_layers, dtype=float)]
         if len(value) == num_layers:
-            return [float(v) for v in value]
+            return [_as_float(v, name) for v in value]
     raise ConfigError(
         f"{name}={value!r}: expected a number, a [start, end] pair or one value per layer ({num_layers} layers)"
     )
@@ -80,6 +80,18 @@ def layerwise_scaling(
     q_heads = [int(q) // head_dim for q in q_dims]
     kv_heads = [h // num_gqa_groups for h in q_heads]
     return q_heads, kv_heads, ffn
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: {value!r} is not an integer")
+    return value
+
+
+def _as_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"{name}: {value!r} is not a number")
+    return float(value)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -144,9 +156,16 @@ class OpenELMConfig:
             if not isinstance(values, (list, tuple)) or len(values) != L:
                 n = len(values) if isinstance(values, (list, tuple)) else values
                 raise ConfigError(f"{name}: has {n!r} entries but num_transformer_layers={L}")
-        self.num_query_heads = [int(h) for h in self.num_query_heads]
-        self.num_kv_heads = [int(h) for h in self.num_kv_heads]
-        self.ffn_multipliers = [float(m) for m in self.ffn_multipliers]
+        self.num_query_heads = [_as_int(h, "num_query_heads") for h in self.num_query_heads]
+        self.num_kv_heads = [_as_int(h, "num_kv_heads") for h in self.num_kv_heads]
+        self.ffn_multipliers = [_as_float(m, "ffn_multipliers") for m in self.ffn_multipliers]
+        for name in ("rms_norm_eps", "rope_freq_constant"):
+            setattr(self, name, _as_float(getattr(self, name), name))
+        for name in ("bos_token_id", "eos_token_id", "rope_max_length"):
+            setattr(self, name, _as_int(getattr(self, name), name))
+        for name in ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
         for i, (q, kv, m) in enumerate(zip(self.num_query_heads, self.num_kv_heads, self.ffn_multipliers, strict=True)):
             if q <= 0 or kv <= 0:
                 raise ConfigError(f"layer {i}: num_query_heads={q}, num_kv_heads={kv}: head counts must be positive")
@@ -210,7 +229,10 @@ class OpenELMConfig:
         kwargs = {k: v for k, v in d.items() if k in known}
         L = kwargs["num_transformer_layers"]
         _check_positive_int("num_transformer_layers", L)
-        groups = kwargs.get("num_gqa_groups") or 1
+        groups = kwargs.get("num_gqa_groups")
+        groups = 1 if groups is None else groups
+        _check_positive_int("num_gqa_groups", groups)
+        kwargs["num_gqa_groups"] = groups
         if kwargs.get("num_query_heads") is None:
             # Short form: derive the lists like HF's OpenELMConfig.__post_init__ does.
             q, kv, ffn = layerwise_scaling(
@@ -223,12 +245,12 @@ class OpenELMConfig:
             )
             kwargs.update(num_query_heads=q, num_kv_heads=kv, ffn_multipliers=ffn)
         else:
+            heads = kwargs["num_query_heads"]
+            if not isinstance(heads, list):
+                raise ConfigError(f"num_query_heads={heads!r}: must be a list with one entry per layer")
             if kwargs.get("num_kv_heads") is None:
-                kwargs["num_kv_heads"] = [h // groups for h in kwargs["num_query_heads"]]
+                kwargs["num_kv_heads"] = [_as_int(h, "num_query_heads") // groups for h in heads]
             kwargs["ffn_multipliers"] = _per_layer("ffn_multipliers", kwargs.get("ffn_multipliers", (0.5, 4.0)), L)
-        kwargs.setdefault("num_gqa_groups", groups)
-        if kwargs["num_gqa_groups"] is None:
-            kwargs["num_gqa_groups"] = 1
         try:
             return cls(**kwargs)
         except TypeError as e:  # wrong JSON types for a field

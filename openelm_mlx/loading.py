@@ -80,7 +80,8 @@ def load_model(model_dir: str | Path) -> OpenELM:
             )
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{model_dir / 'config.json'}: invalid quantization block ({e})") from None
-    check_weights(model, weights, model_dir)
+    check_weights(model, weights, model_dir, quantized=quant is not None)
+    check_finite(weights, model_dir)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     meta = raw.get("openelm_mlx") if isinstance(raw.get("openelm_mlx"), dict) else {}
@@ -88,7 +89,17 @@ def load_model(model_dir: str | Path) -> OpenELM:
     return model
 
 
-def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
+def check_finite(weights: dict[str, mx.array], where: Path) -> None:
+    """Name the first tensor holding NaN or Inf (a broken conversion or download)."""
+    names = [n for n, w in weights.items() if mx.issubdtype(w.dtype, mx.floating)]
+    flags = [mx.isfinite(weights[n]).all() for n in names]
+    mx.eval(flags)
+    for name, ok in zip(names, flags, strict=True):
+        if not ok.item():
+            raise CheckpointError(f"{where}: tensor {name} contains NaN or Inf values")
+
+
+def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path, quantized: bool = False) -> None:
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(expected.keys() - weights.keys())
     extra = sorted(weights.keys() - expected.keys())
@@ -104,8 +115,10 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path) -
             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
             + "; the config.json (layers or quantization) does not match the weights"
         )
+    hint = "; the quantization block (bits, group_size) disagrees with the tensors" if quantized else ""
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise CheckpointError(
-                f"{where}: tensor {name} has shape {list(value.shape)}, the config expects {list(expected[name].shape)}"
+                f"{where}: tensor {name} has shape {list(value.shape)}, "
+                f"the config expects {list(expected[name].shape)}{hint}"
             )
