@@ -86,7 +86,7 @@ def test_generation_under_bad_input(converted):
     model = converted / "f32"
     long = run_generate(model, "--prompt", "-", "--max-tokens", "4", input=("word " * 20_000).encode())
     assert long.returncode == 1 and b"Traceback" not in long.stderr and b"context of 2048 tokens" in long.stderr
-    ctrl = run_generate(model, "--prompt", "-", "--max-tokens", "5", input="a\x00b\x07c\x1b[31m\r\n\tz".encode())
+    ctrl = run_generate(model, "--prompt", "-", "--max-tokens", "5", input=b"a\x00b\x07c\x1b[31m\r\n\tz")
     assert ctrl.returncode == 0, ctrl.stderr
     binary = run_generate(model, "--prompt", "-", input=b"ok \xc3\x28 bad")
     assert binary.returncode == 1 and b"not valid UTF-8" in binary.stderr and b"Traceback" not in binary.stderr
