@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import OpenELMConfig, preset_name
 from ..errors import CheckpointError, ConfigError, OpenELMError
+from ..loading import check_names
 from . import hub
 from .safetensors_reader import read_safetensors
 from .tensors import FLOAT_DTYPES, LazyTensor
@@ -181,20 +182,7 @@ def to_hf_names(raw: dict[str, LazyTensor], config: OpenELMConfig, where: Path) 
         # Some exports store the tied head explicitly; it must then equal the embedding.
         del tensors["lm_head.weight"]
     expected = config.weight_shapes()
-    missing = [n for n in expected if n not in tensors]
-    extra = [n for n in tensors if n not in expected]
-    if missing:
-        raise CheckpointError(
-            f"{where}: missing tensor {missing[0]}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + " for this config"
-        )
-    if extra:
-        raise CheckpointError(
-            f"{where}: unexpected tensor {extra[0]}"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            + "; the config has fewer layers or other shapes than these weights"
-        )
+    check_names(expected, tensors, where, "; the config has fewer layers or other shapes than these weights")
     for name, shape in expected.items():
         t = tensors[name]
         if t.shape != shape:

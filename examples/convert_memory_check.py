@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 
 
-def write_checkpoint(folder: Path, preset: str, shards: int) -> int:
+def write_checkpoint(folder: Path, config, shards: int = 3) -> int:
+    """A random float32 HF checkpoint of ``config``'s shapes, sharded, one shard in memory at a time."""
     from safetensors.numpy import save_file
 
-    from openelm_mlx import OpenELMConfig
-
-    config = OpenELMConfig.from_preset(preset)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
     shapes = list(config.weight_shapes().items())
@@ -56,7 +54,9 @@ def main() -> None:
     src, dst = work / f"src-{args.preset}", work / f"out-{args.preset}-q{args.q_bits}"
     if not src.exists():
         print(f"writing a random {args.preset} checkpoint to {src} ...", flush=True)
-        write_checkpoint(src, args.preset, args.shards)
+        from openelm_mlx import OpenELMConfig
+
+        write_checkpoint(src, OpenELMConfig.from_preset(args.preset), args.shards)
     shutil.rmtree(dst, ignore_errors=True)
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     t0 = time.time()

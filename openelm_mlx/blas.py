@@ -58,15 +58,20 @@ def use_fast_blas() -> None:
 
 
 def describe() -> str:
-    """What BLAS this process has loaded, for ``--verbose`` and ``bench``."""
+    """Which BLAS serves MLX's matmuls in this process, for ``--verbose`` and ``bench``.
+
+    A preloaded library wins symbol resolution over the reference BLAS that MLX's Linux
+    wheel bundles; other BLAS copies in the process (NumPy's own OpenBLAS) do not serve MLX.
+    """
     if sys.platform == "darwin":
         return "Accelerate"
     try:
-        maps = Path("/proc/self/maps").read_text()
+        mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
     except OSError:
         return "unknown"
-    libs = {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower() and "/" in line}
-    fast = sorted(p for p in libs if "openblas" in p.lower() or "mkl" in p.lower() or "blis" in p.lower())
-    if fast:
-        return f"OpenBLAS ({fast[0]})" if "openblas" in fast[0].lower() else fast[0]
-    return f"reference BLAS ({sorted(libs)[0]})" if libs else "reference BLAS (linked into MLX)"
+    for lib in os.environ.get("LD_PRELOAD", "").split():
+        real = os.path.realpath(lib)
+        if real in mapped or lib in mapped:
+            return f"{Path(lib).name} (preloaded: {lib})"
+    bundled = sorted(p for p in mapped if "mlx" in p and "blas" in Path(p).name.lower())
+    return f"reference BLAS bundled with MLX ({Path(bundled[0]).name})" if bundled else "reference BLAS"

@@ -249,6 +249,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench, format_report, write_json
+
+    report = bench(
+        args.model,
+        args.prompt_tokens,
+        args.generation_tokens,
+        args.num_runs,
+        None if args.compare == "none" else args.compare,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a converted model directory (or anything convert reads); default: the bundled one")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
@@ -343,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: window/2)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prompt/decode speed against mlx_lm on the same converted weights")
+    p.add_argument("--model", required=True, help="a converted model directory")
+    p.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    p.add_argument("-g", "--generation-tokens", type=int, default=128)
+    p.add_argument("-n", "--num-runs", type=int, default=5)
+    p.add_argument("--compare", default="mlx-lm", choices=["mlx-lm", "none"])
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -133,6 +133,7 @@ def generate_tokens(
     num_draft_tokens: int = 3,
     prompt_lookup: int = 0,
     stats: DecodeStats | None = None,
+    ignore_eos: bool = False,
 ) -> Iterator[int]:
     """Yield generated token ids until EOS (yielded) or ``max_tokens``.
 
@@ -151,19 +152,20 @@ def generate_tokens(
     check_context(model, len(history), len(prompt_ids), max_tokens)
     stats = stats if stats is not None else DecodeStats()
     sampler = make_sampler(sampling or SamplingOptions(), seed)
-    eos = model.config.eos_token_id
+    eos = -1 if ignore_eos else model.config.eos_token_id
     pending = history[cache[0].offset :] + list(prompt_ids)  # not yet in the cache
     history.extend(prompt_ids)
     stats.prompt_tokens = len(pending)
     t0 = time.perf_counter()
     if draft_model is None and prompt_lookup <= 0:
-        steps = _plain_steps(model, pending, cache, history, sampler, max_tokens, stats)
+        track = (sampling or SamplingOptions()).repetition_penalty != 1.0
+        steps = _plain_steps(model, pending, cache, history, sampler, max_tokens, stats, track)
     else:
         if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
             raise OpenELMError("--draft-model has a different vocabulary from --model")
         propose: Proposer = _DraftProposer(draft_model, history) if draft_model is not None else _lookup_proposer
         k = num_draft_tokens if draft_model is not None else prompt_lookup
-        steps = _speculative_steps(model, pending, cache, history, sampler, max_tokens, stats, propose, k)
+        steps = _speculative_steps(model, pending, cache, history, sampler, max_tokens, stats, propose, k, eos)
     first = True
     for tok in steps:
         if first:
@@ -177,14 +179,16 @@ def generate_tokens(
             return
 
 
-def _plain_steps(model, pending, cache, history, sampler, max_tokens, stats) -> Iterator[int]:
+def _plain_steps(model, pending, cache, history, sampler, max_tokens, stats, track_context) -> Iterator[int]:
     # Pipelined: step n+1 is queued (async_eval) before token n goes back to Python.
-    context = mx.array(history, dtype=mx.uint32)
+    # The context (for the repetition penalty) grows on the device only when it is used.
+    context = mx.array(history if track_context else [], dtype=mx.uint32)
     y = sampler(_prefill(model, pending, cache), context)
     mx.async_eval(y)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            context = mx.concatenate([context, y.reshape(1).astype(mx.uint32)])
+            if track_context:
+                context = mx.concatenate([context, y.reshape(1).astype(mx.uint32)])
             next_y = sampler(model(y.reshape(1, 1), cache=cache)[0, -1], context)
             mx.async_eval(next_y)
         yield y.item()
@@ -192,7 +196,7 @@ def _plain_steps(model, pending, cache, history, sampler, max_tokens, stats) -> 
             y = next_y
 
 
-def _speculative_steps(model, pending, cache, history, sampler, max_tokens, stats, propose, k) -> Iterator[int]:
+def _speculative_steps(model, pending, cache, history, sampler, max_tokens, stats, propose, k, eos) -> Iterator[int]:
     # The cache holds everything but the last known token ``y``; each round feeds y plus
     # the drafts, samples the model at every position and keeps the agreeing prefix.
     if len(pending) > 1:
@@ -222,7 +226,7 @@ def _speculative_steps(model, pending, cache, history, sampler, max_tokens, stat
         for tok in emitted:
             produced += 1
             yield tok
-            if tok == model.config.eos_token_id or produced >= max_tokens:
+            if tok == eos or produced >= max_tokens:
                 return
         y = emitted[-1]
 

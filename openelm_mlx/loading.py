@@ -8,6 +8,7 @@ and per-module overrides of the ``quantization`` block in ``config.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -99,22 +100,22 @@ def check_finite(weights: dict[str, mx.array], where: Path) -> None:
             raise CheckpointError(f"{where}: tensor {name} contains NaN or Inf values")
 
 
+def check_names(expected: Iterable[str], got: Iterable[str], where: object, extra_hint: str) -> None:
+    """Name the first missing and the first unexpected tensor (shared by the converter and the loader)."""
+    expected, got = list(expected), list(got)  # keep checkpoint order: layers.3 before layers.10
+    expected_set, got_set = set(expected), set(got)
+    for names, what, hint in (
+        ([n for n in expected if n not in got_set], "missing", "; the config does not match the weights"),
+        ([n for n in got if n not in expected_set], "unexpected", extra_hint),
+    ):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise CheckpointError(f"{where}: {what} tensor {names[0]}{more}{hint}")
+
+
 def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path, quantized: bool = False) -> None:
     expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(expected.keys() - weights.keys())
-    extra = sorted(weights.keys() - expected.keys())
-    if missing:
-        raise CheckpointError(
-            f"{where}: missing tensor {missing[0]}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + "; the config.json does not match the weights"
-        )
-    if extra:
-        raise CheckpointError(
-            f"{where}: unexpected tensor {extra[0]}"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            + "; the config.json (layers or quantization) does not match the weights"
-        )
+    check_names(expected, weights, where, "; the config.json (layers or quantization) does not match the weights")
     hint = "; the quantization block (bits, group_size) disagrees with the tensors" if quantized else ""
     for name, value in weights.items():
         if value.shape != expected[name].shape:
