@@ -114,6 +114,7 @@ def convert(
 
     with writer.staging_dir(dst, force) as tmp:
         weights = _convert_tensors(source, DTYPES[out_dtype], modules)
+        log(f"writing {sum(w.nbytes for w in weights.values()) / 1e9:.2f} GB of weights ...")
         writer.save_weights(tmp, weights)
         del weights
         mx.clear_cache()  # hand the written buffers back before verify loads the model again

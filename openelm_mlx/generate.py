@@ -103,7 +103,7 @@ def _prefill(model: OpenELM, ids: list[int], cache: list[KVCache]) -> mx.array |
     """Run ``ids`` through the model into the cache; returns the last position's logits."""
     logits = None
     for start in range(0, len(ids), PREFILL_CHUNK):
-        logits = model(mx.array([ids[start : start + PREFILL_CHUNK]]), cache=cache)[0, -1]
+        logits = model(mx.array([ids[start : start + PREFILL_CHUNK]]), cache=cache, last_only=True)[0, -1]
         mx.eval(logits)
     return logits
 

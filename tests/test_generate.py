@@ -236,3 +236,34 @@ def test_cli_chat_two_turns(tiny):
     err = out.stderr.decode()
     counts = [int(line.split("[")[1].split()[0]) for line in err.splitlines() if "new prompt tokens" in line]
     assert len(counts) == 3 and counts[1] < counts[0] + 6 and "(conversation reset)" in err
+
+
+def test_ctrl_c_stops_cleanly_and_prints_the_figures(tiny):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "openelm_mlx.cli",
+            "generate",
+            "--model",
+            str(tiny[0]),
+            "--prompt",
+            "Tuat",
+            "--max-tokens",
+            "2000",  # greedy: this model repeats itself for seconds without reaching EOS
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 60
+    first = proc.stdout.read(1)  # generation has started
+    assert first and time.time() < deadline
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    err = err.decode()
+    assert "Traceback" not in err and "interrupted" in err and "generation:" in err and "tokens/s" in err
