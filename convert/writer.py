@@ -64,11 +64,10 @@ def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
     clean_stale(dst)
     if dst.exists() and not force:
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
-    if not dst.parent.is_dir():
-        raise OpenELMError(f"{dst.parent}: no such directory for the output")
     tmp = dst.parent / f".{dst.name}{_PARTIAL}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
         raise OpenELMError(f"{dst.parent}: cannot create the output ({e.strerror})") from None

@@ -226,6 +226,13 @@ def test_destination_is_never_touched_without_force(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_missing_parent_directories_are_created(tmp_path):
+    config = small_config("tied")
+    src = write_hf_folder(tmp_path / "src", config, random_weights(config), tokenizer=False)
+    convert(str(src), tmp_path / "a" / "b" / "out", **QUIET)
+    assert (tmp_path / "a" / "b" / "out" / "config.json").is_file()
+
+
 def test_missing_tokenizer_still_writes_weights_and_says_what_to_do(tmp_path):
     config = small_config("tied")
     src = write_hf_folder(tmp_path / "src", config, random_weights(config), tokenizer=False)
