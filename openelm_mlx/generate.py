@@ -159,11 +159,11 @@ def generate_tokens(
     t0 = time.perf_counter()
     if draft_model is None and prompt_lookup <= 0:
         track = (sampling or SamplingOptions()).repetition_penalty != 1.0
-        steps = _plain_steps(model, pending, cache, history, sampler, max_tokens, stats, track)
+        steps = _plain_steps(model, pending, cache, history, sampler, max_tokens, track)
     else:
         if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
             raise OpenELMError("--draft-model has a different vocabulary from --model")
-        propose: Proposer = _DraftProposer(draft_model, history) if draft_model is not None else _lookup_proposer
+        propose: Proposer = _DraftProposer(draft_model) if draft_model is not None else _lookup_proposer
         k = num_draft_tokens if draft_model is not None else prompt_lookup
         steps = _speculative_steps(model, pending, cache, history, sampler, max_tokens, stats, propose, k, eos)
     first = True
@@ -179,7 +179,7 @@ def generate_tokens(
             return
 
 
-def _plain_steps(model, pending, cache, history, sampler, max_tokens, stats, track_context) -> Iterator[int]:
+def _plain_steps(model, pending, cache, history, sampler, max_tokens, track_context) -> Iterator[int]:
     # Pipelined: step n+1 is queued (async_eval) before token n goes back to Python.
     # The context (for the repetition penalty) grows on the device only when it is used.
     context = mx.array(history if track_context else [], dtype=mx.uint32)
@@ -234,7 +234,7 @@ def _speculative_steps(model, pending, cache, history, sampler, max_tokens, stat
 class _DraftProposer:
     """Greedy drafts from a smaller OpenELM with its own cache (all eight share a tokenizer)."""
 
-    def __init__(self, draft: OpenELM, history: list[int]):
+    def __init__(self, draft: OpenELM):
         self.draft, self.cache = draft, draft.make_cache()
 
     def __call__(self, ids: list[int], k: int) -> list[int]:
