@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["270M", "1_1B"])
     ap.add_argument("--workdir", default="/tmp/openelm-bench")
     ap.add_argument("-n", type=int, default=5)
+    ap.add_argument("-g", type=int, default=128, help="tokens generated per run")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,8 @@ def main() -> None:
             if not dst.exists():
                 run([*CLI, "convert", "--hf-path", str(src), "--mlx-path", str(dst), *flags])
             report_file = work / f"{preset}-{tag}.json"
-            print(run([*CLI, "bench", "--model", str(dst), "-n", str(args.n), "--json", str(report_file)]), flush=True)
+            cmd = [*CLI, "bench", "--model", str(dst), "-n", str(args.n), "-g", str(args.g), "--json", str(report_file)]
+            print(run(cmd), flush=True)
             results[f"{preset} {tag}"] = json.loads(report_file.read_text())
     results["end-to-end"] = end_to_end(work, args.n)
     print(json.dumps(results["end-to-end"], indent=2))
