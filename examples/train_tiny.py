@@ -16,7 +16,6 @@ the real converter.  Every 40th chapter is held out (``openelm_mlx/bundled/kjv-v
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import lzma
 import math
@@ -30,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from openelm_mlx import OpenELM, OpenELMConfig
+from openelm_mlx.tokenizer import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "examples" / "data" / "kjv.txt.xz"
@@ -45,23 +45,7 @@ def split_corpus() -> tuple[list[str], list[str]]:
 
 
 def train_tokenizer(chapters: list[str], vocab_size: int, path: Path) -> None:
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(line for c in chapters for line in c.split("\n")),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    path.write_bytes(buf.getvalue())
+    train_sentencepiece((line for c in chapters for line in c.split("\n")), vocab_size, path, character_coverage=1.0)
 
 
 def encode(chapters: list[str], tokenizer_path: Path) -> np.ndarray:

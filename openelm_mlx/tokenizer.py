@@ -7,7 +7,9 @@ token (as in the HF chat template Apple tuned the Instruct models with), so
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .errors import OpenELMError
 
@@ -82,3 +84,26 @@ class StreamingDetokenizer:
     @property
     def text(self) -> str:
         return self.emitted
+
+
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, path: str | Path, **options: Any) -> None:
+    """Train a SentencePiece model laid out like Llama-2's: BPE with byte fallback, unk/bos/eos = 0/1/2."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+        **options,
+    )
+    Path(path).write_bytes(buf.getvalue())

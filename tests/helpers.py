@@ -58,30 +58,14 @@ def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
 
 
 def train_tokenizer(path, vocab_size: int, seed: int = 0) -> None:
-    """A real SentencePiece model (byte fallback, unk/bos/eos = 0/1/2) of exactly ``vocab_size`` pieces."""
-    import io
-
-    import sentencepiece as spm
+    """A real SentencePiece model of exactly ``vocab_size`` pieces, trained on seeded pseudo-words."""
+    from openelm_mlx.tokenizer import train_sentencepiece
 
     rng = np.random.default_rng(seed)
     letters = list("etaoinshrdlucmfwypvbgkjqxz")
     words = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(600)]
     sentences = [" ".join(rng.choice(words, rng.integers(4, 15))).capitalize() + "." for _ in range(3000)]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=buf,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    with open(path, "wb") as f:
-        f.write(buf.getvalue())
+    train_sentencepiece(sentences, vocab_size, path)
 
 
 # --- checkpoints in Apple's layouts -------------------------------------------------------------
