@@ -129,9 +129,15 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _refuse(path: Path, module: str, name: str) -> RefusedGlobal:
+    hint = ""
+    if path.name.startswith("training_checkpoint"):
+        hint = (
+            ". This is a full CoreNet training checkpoint (optimizer state and more); convert the model-only "
+            "checkpoint_*.pt (or checkpoint_average.pt) saved beside it instead"
+        )
     return RefusedGlobal(
         f"{path}: refused: the pickle asks for the global '{module}.{name}', which is not "
-        "a tensor type on the allow-list; a checkpoint is never allowed to run code"
+        f"a tensor type on the allow-list; a checkpoint is never allowed to run code{hint}"
     )
 
 

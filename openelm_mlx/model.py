@@ -102,11 +102,11 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         B, S, _ = x.shape
         nq, nkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv_proj(x).reshape(B, S, nq + 2 * nkv, self.head_dim)
-        q, k, v = mx.split(qkv, [nq, nq + nkv], axis=2)
+        # One transpose of the fused projection to [B, heads, S, head_dim], then views per part.
+        qkv = self.qkv_proj(x).reshape(B, S, nq + 2 * nkv, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = mx.split(qkv, [nq, nq + nkv], axis=1)
         if self.normalize_qk:  # per head, over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
         offset = cache.offset if cache is not None else 0
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)

@@ -211,6 +211,14 @@ def test_refusals_name_the_global_as_refused_global(tmp_path):
         read_torch_checkpoint(path)
 
 
+def test_training_checkpoint_with_other_objects_names_the_file_to_use(tmp_path):
+    path = tmp_path / "training_checkpoint_last.pt"
+    pkl = PROTO2 + EMPTY_DICT + u("best_metric") + call("numpy.core.multiarray", "scalar", u("x")) + SETITEM + STOP
+    path.write_bytes(as_torch_zip(pkl))
+    with pytest.raises(RefusedGlobal, match="numpy.core.multiarray.scalar.*convert the model-only checkpoint_"):
+        read_torch_checkpoint(path)
+
+
 def test_billion_laughs_and_deep_nesting_stay_small_and_fail_cleanly(tmp_path):
     # 30 levels of a list holding its predecessor ten times: 10**30 logical elements, a few KB real.
     laughs = PROTO2 + EMPTY_LIST + u("lol") + APPEND + MEMOIZE
