@@ -185,7 +185,7 @@ def read_torch_checkpoint(path: str | Path) -> Any:
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # BadZipFile, OSError, UnicodeDecodeError of a mangled name, ...: all "not a zip"
         raise CheckpointError(
             f"{path}: not a zip-format PyTorch checkpoint ({e}); legacy (torch < 1.6) pickles are not "
             "read: re-save it with a current torch.save, or convert it to safetensors"
