@@ -35,7 +35,7 @@ class Result:
     report: Report | None
 
 
-def pick_dtype(requested: str, source: Source) -> tuple[str, str]:
+def pick_dtype(requested: str) -> tuple[str, str]:
     """(dtype, why). ``auto`` takes the fastest safe dtype for the running backend."""
     if requested != "auto":
         if requested not in DTYPES:
@@ -101,7 +101,7 @@ def convert(
     spec = quantize.check_spec(q_bits, q_group_size, q_mode, quant_recipe) if (quantize_model or quant_recipe) else None
     source = load_source(hf_path, preset=preset, config_file=config)
     cfg = source.config
-    out_dtype, why = pick_dtype(dtype, source)
+    out_dtype, why = pick_dtype(dtype)
     log(f"source: {hf_path} ({len(source.files)} file(s), {source.source_dtype}, {cfg.num_parameters():,} parameters)")
     log(f"dtype: {out_dtype} ({why})")
     modules = quantize.plan(cfg, spec, quant_recipe) if spec else {}
