@@ -130,7 +130,7 @@ def convert(
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.model")
             writer.write_json(tmp / "tokenizer_config.json", _TOKENIZER_CONFIG)
-        (tmp / "README.md").write_text(_model_card(hf_path, cfg.num_parameters(), out_dtype, block, tok_path))
+        writer.write_text(tmp / "README.md", _model_card(hf_path, cfg.num_parameters(), out_dtype, block, tok_path))
         report = None
         if run_verify:
             report = verify(source, tmp, num_tokens=verify_tokens)

@@ -61,7 +61,6 @@ def clean_stale(dst: Path) -> list[str]:
 def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``dst``; on success it becomes ``dst``, else it vanishes."""
     dst = dst.expanduser().absolute()
-    clean_stale(dst)
     if dst.exists() and not force:
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
     tmp = dst.parent / f".{dst.name}{_PARTIAL}{os.getpid()}"
@@ -123,8 +122,12 @@ def save_weights(folder: Path, weights: dict[str, mx.array]) -> list[str]:
         raise OpenELMError(f"cannot write weights to {folder} ({e}); is the disk full?") from None
 
 
-def write_json(path: Path, obj: object) -> None:
+def write_text(path: Path, text: str) -> None:
     try:
-        path.write_text(json.dumps(obj, indent=2) + "\n")
+        path.write_text(text)
     except OSError as e:
         raise OpenELMError(f"cannot write {path} ({e.strerror}); is the disk full?") from None
+
+
+def write_json(path: Path, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")

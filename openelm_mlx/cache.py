@@ -36,8 +36,10 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     def trim(self, n: int) -> int:
-        """Forget the last ``n`` positions (rejected speculative tokens); returns how many."""
-        n = min(self.offset, n)
+        """Forget the last ``n`` positions (rejected speculative tokens); returns how many.
+
+        ``n`` is clamped to [0, offset], so callers may pass a difference that is negative."""
+        n = max(0, min(self.offset, n))
         self.offset -= n
         return n
 

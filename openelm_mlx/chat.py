@@ -86,7 +86,7 @@ class ChatSession:
             self.last_prompt_tokens = stats.prompt_tokens
             # Keep the cache in step with the history (an interrupted turn may have queued one more).
             for c in self.cache:
-                c.trim(max(0, c.offset - len(self.history)))
+                c.trim(c.offset - len(self.history))
 
     def context_left(self) -> int:
         return self.model.config.max_context_length - len(self.history)

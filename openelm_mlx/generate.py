@@ -151,14 +151,15 @@ def generate_tokens(
         raise OpenELMError("the KV cache holds more tokens than the given history")
     check_context(model, len(history), len(prompt_ids), max_tokens)
     stats = stats if stats is not None else DecodeStats()
-    sampler = make_sampler(sampling or SamplingOptions(), seed)
+    sampling = sampling or SamplingOptions()
+    sampler = make_sampler(sampling, seed)
     eos = -1 if ignore_eos else model.config.eos_token_id
     pending = history[cache[0].offset :] + list(prompt_ids)  # not yet in the cache
     history.extend(prompt_ids)
     stats.prompt_tokens = len(pending)
     t0 = time.perf_counter()
     if draft_model is None and prompt_lookup <= 0:
-        track = (sampling or SamplingOptions()).repetition_penalty != 1.0
+        track = sampling.repetition_penalty != 1.0
         steps = _plain_steps(model, pending, cache, history, sampler, max_tokens, track)
     else:
         if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:

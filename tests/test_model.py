@@ -116,3 +116,12 @@ def test_model_is_an_mlx_module_with_hf_names():
 
     names = {k for k, _ in tree_flatten(model.parameters())}
     assert names == set(config.weight_shapes())
+
+
+def test_cache_trim_clamps_to_what_it_holds():
+    config = small_config("tied")
+    model = build_model(config, random_weights(config))
+    cache = model.make_cache()
+    model(mx.array(tokens_for(config, batch=1, length=5)), cache=cache)
+    assert cache[0].trim(-1) == 0 and cache[0].offset == 5
+    assert cache[0].trim(9) == 5 and cache[0].offset == 0
