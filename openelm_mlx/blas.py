@@ -57,21 +57,38 @@ def use_fast_blas() -> None:
         return  # keep running on the reference BLAS
 
 
-def describe() -> str:
-    """Which BLAS serves MLX's matmuls in this process, for ``--verbose`` and ``bench``.
+def _mapped() -> set[str]:
+    """Paths of the files mapped into this process (Linux)."""
+    try:
+        return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+    except OSError:
+        return set()
+
+
+def _preloaded() -> str | None:
+    """The preloaded library serving MLX's BLAS calls, if any (Linux).
 
     A preloaded library wins symbol resolution over the reference BLAS that MLX's Linux
     wheel bundles; other BLAS copies in the process (NumPy's own OpenBLAS) do not serve MLX.
     """
+    mapped = _mapped()
+    for lib in os.environ.get("LD_PRELOAD", "").split():
+        if os.path.realpath(lib) in mapped or lib in mapped:
+            return lib
+    return None
+
+
+def mlx_blas_is_reference() -> bool:
+    """Whether MLX's matmuls run on the slow reference BLAS its Linux wheel bundles."""
+    return sys.platform.startswith("linux") and _preloaded() is None
+
+
+def describe() -> str:
+    """Which BLAS serves MLX's matmuls in this process, for ``--verbose`` and ``bench``."""
     if sys.platform == "darwin":
         return "Accelerate"
-    try:
-        mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
-    except OSError:
-        return "unknown"
-    for lib in os.environ.get("LD_PRELOAD", "").split():
-        real = os.path.realpath(lib)
-        if real in mapped or lib in mapped:
-            return f"{Path(lib).name} (preloaded: {lib})"
-    bundled = sorted(p for p in mapped if "mlx" in p and "blas" in Path(p).name.lower())
+    lib = _preloaded()
+    if lib is not None:
+        return f"{Path(lib).name} (preloaded: {lib})"
+    bundled = sorted(p for p in _mapped() if "mlx" in p and "blas" in Path(p).name.lower())
     return f"reference BLAS bundled with MLX ({Path(bundled[0]).name})" if bundled else "reference BLAS"

@@ -119,7 +119,7 @@ def _load_for_generation(args: argparse.Namespace):
 
 
 def _figures(r, verbose: bool) -> str:
-    from .blas import describe
+    from . import blas, cpu
 
     line = (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
@@ -132,7 +132,7 @@ def _figures(r, verbose: bool) -> str:
     if verbose:
         import mlx.core as mx
 
-        line += f" | backend: {mx.default_device()}, BLAS: {describe()}"
+        line += f" | backend: {mx.default_device()}, BLAS: {blas.describe()}, routes: {cpu.describe()}"
     return line
 
 

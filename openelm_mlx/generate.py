@@ -103,7 +103,7 @@ def _prefill(model: OpenELM, ids: list[int], cache: list[KVCache]) -> mx.array |
     """Run ``ids`` through the model into the cache; returns the last position's logits."""
     logits = None
     for start in range(0, len(ids), PREFILL_CHUNK):
-        logits = model(mx.array([ids[start : start + PREFILL_CHUNK]]), cache=cache, last_only=True)[0, -1]
+        logits = model.infer(mx.array([ids[start : start + PREFILL_CHUNK]]), cache=cache, last_only=True)[0, -1]
         mx.eval(logits)
     return logits
 
@@ -181,20 +181,28 @@ def generate_tokens(
 
 
 def _plain_steps(model, pending, cache, history, sampler, max_tokens, track_context) -> Iterator[int]:
-    # Pipelined: step n+1 is queued (async_eval) before token n goes back to Python.
+    # Pipelined: step n+1 is queued (async_eval) before token n goes back to Python.  The first
+    # token goes back before any step: a step can block (cpu.py's NumPy routes evaluate eagerly),
+    # and the time to the first token is the prompt's.
     # The context (for the repetition penalty) grows on the device only when it is used.
     context = mx.array(history if track_context else [], dtype=mx.uint32)
+
+    def step(y: mx.array) -> mx.array:
+        nonlocal context
+        if track_context:
+            context = mx.concatenate([context, y.reshape(1).astype(mx.uint32)])
+        y = sampler(model.infer(y.reshape(1, 1), cache=cache)[0, -1], context)
+        mx.async_eval(y)
+        return y
+
     y = sampler(_prefill(model, pending, cache), context)
-    mx.async_eval(y)
-    for n in range(max_tokens):
+    yield y.item()
+    next_y = step(y) if max_tokens > 1 else None
+    for n in range(1, max_tokens):
+        y = next_y
         if n + 1 < max_tokens:
-            if track_context:
-                context = mx.concatenate([context, y.reshape(1).astype(mx.uint32)])
-            next_y = sampler(model(y.reshape(1, 1), cache=cache)[0, -1], context)
-            mx.async_eval(next_y)
+            next_y = step(y)
         yield y.item()
-        if n + 1 < max_tokens:
-            y = next_y
 
 
 def _speculative_steps(model, pending, cache, history, sampler, max_tokens, stats, propose, k, eos) -> Iterator[int]:
@@ -206,7 +214,7 @@ def _speculative_steps(model, pending, cache, history, sampler, max_tokens, stat
     produced = 0
     while produced < max_tokens:
         drafts = propose(history, min(k, max_tokens - produced - 1)) if k > 0 else []
-        logits = model(mx.array([[y, *drafts]]), cache=cache)[0]
+        logits = model.infer(mx.array([[y, *drafts]]), cache=cache)[0]
         base = mx.array(history, dtype=mx.uint32)
         picks = []
         for i in range(len(drafts) + 1):
@@ -245,7 +253,7 @@ class _DraftProposer:
         d = mx.argmax(_prefill(self.draft, new, self.cache))
         out = [d]
         for _ in range(k - 1):
-            d = mx.argmax(self.draft(d.reshape(1, 1), cache=self.cache)[0, -1])
+            d = mx.argmax(self.draft.infer(d.reshape(1, 1), cache=self.cache)[0, -1])
             out.append(d)
         mx.eval(out)
         return [t.item() for t in out]

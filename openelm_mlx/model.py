@@ -10,63 +10,38 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu
 from .cache import KVCache, make_cache
 from .config import OpenELMConfig
 
-# --- quantized layers with CPU fast paths -------------------------------------------------------
-# On MLX's CPU backend the quantized matmul is a single-threaded kernel.  Two paths beat it:
-# with many rows (a prompt), dequantizing the weight and using the BLAS matmul (about 20x
-# faster for 128 rows); with one row (decoding), splitting the output rows over two CPU streams,
-# which MLX runs on two threads (about 1.9x).  On GPUs MLX's own kernels are used unchanged.
-_PREFILL_ROWS = 8
-_second_stream: list = []
-
-
-def _on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
-
-
-def quantized_matmul_cpu(
-    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str
-) -> mx.array:
-    """``x @ dequantize(w).T`` by the fastest CPU route for the number of rows in ``x``."""
-    if x.size // x.shape[-1] > _PREFILL_ROWS:
-        return x @ mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode).T
-    if not _second_stream:
-        _second_stream.append(mx.new_stream(mx.cpu))
-    n = w.shape[0] // 2
-    halves = []
-    for rows, stream in ((slice(0, n), None), (slice(n, None), _second_stream[0])):
-        b = biases[rows] if biases is not None else None
-        with mx.stream(stream or mx.default_stream(mx.cpu)):
-            halves.append(
-                mx.quantized_matmul(
-                    x, w[rows], scales[rows], b, transpose=True, group_size=group_size, bits=bits, mode=mode
-                )
-            )
-    return mx.concatenate(halves, axis=-1)
+# --- layers that take the faster CPU routes of cpu.py ------------------------------------------
 
 
 class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        if not _on_cpu() or "bias" in self:
+        if not cpu.on_cpu() or "bias" in self:
             return super().__call__(x)
-        return quantized_matmul_cpu(
+        return cpu.quantized_matmul_t(
             x, self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode
         )
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
-        if not _on_cpu():
+        if not cpu.on_cpu():
             return super().as_linear(x)
-        return quantized_matmul_cpu(
+        return cpu.quantized_matmul_t(
             x, self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode
         )
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose quantized form is the QuantizedLinear above."""
+    """nn.Linear with the CPU routes, whose quantized form is the QuantizedLinear above."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return super().__call__(x)
+        return cpu.matmul_t(x, self.weight)
 
     def to_quantized(
         self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", quantize_input: bool = False
@@ -77,7 +52,10 @@ class Linear(nn.Linear):
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding whose quantized form is the QuantizedEmbedding above."""
+    """nn.Embedding with the CPU routes for the tied head, whose quantized form is the QuantizedEmbedding above."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return cpu.matmul_t(x, self.weight)
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine") -> nn.Module:
         return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
@@ -186,6 +164,12 @@ class OpenELM(nn.Module):
             # as_linear also serves a QuantizedEmbedding, so a quantized tied head works.
             return self.transformer.token_embeddings.as_linear(h)
         return self.lm_head(h)
+
+    def infer(self, tokens: mx.array, cache: list[KVCache] | None = None, last_only: bool = False) -> mx.array:
+        """``self(...)`` for inference: on the CPU its matmuls may take cpu.py's NumPy routes, which
+        are faster there but neither differentiable nor compilable."""
+        with cpu.inference():
+            return self(tokens, cache, last_only)
 
     @property
     def layers(self) -> list[TransformerBlock]:

@@ -29,7 +29,7 @@ def token_nll(
     starts = range(0, len(ids) - 1, stride)
     for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress, leave=False):
         end = min(begin + window, len(ids))
-        logits = model(mx.array([ids[begin : end - 1]]))[0].astype(mx.float32)
+        logits = model.infer(mx.array([ids[begin : end - 1]]))[0].astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         targets = mx.array(ids[begin + 1 : end])
         picked = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]

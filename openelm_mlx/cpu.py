@@ -1,0 +1,127 @@
+"""Faster routes for the matmuls that MLX's CPU backend runs slowly, used for inference only.
+
+Measured with MLX 0.32 on a 2-core x86_64 (BENCHMARKS.md):
+
+- A one-row float32 matmul (every decoding step) goes to BLAS ``sgemm``, which repacks the
+  whole weight matrix on each call.  NumPy's ``sgemv`` on a zero-copy view of the same MLX
+  buffer reads it once: 1280 x 10240 takes 1.4 ms instead of 3.5 ms.
+- MLX's Linux wheel links the reference BLAS unless the CLI preloaded OpenBLAS (``blas.py``),
+  while NumPy's wheel brings its own optimised BLAS, so many-row matmuls (prompts) can go
+  there too when MLX's is slower.
+- The quantized matmul is a single-threaded kernel.  With many rows, dequantizing and using
+  the BLAS matmul is about 20x faster; with one row, splitting the output rows over two CPU
+  streams, which MLX runs on two threads, is about 1.9x faster.
+
+The NumPy routes leave MLX's graph: they are not differentiable and cannot be compiled.  So
+they are taken only inside ``inference()`` (the generation engine, ``perplexity``, ``bench``)
+and only on the CPU device; a plain ``model(tokens)`` is pure MLX, on every device.  Which
+matmuls take them is decided in ``numpy_routes``; ``OPENELM_MLX_MATMUL=mlx|numpy`` forces a
+choice.  (A run-time race between the two was tried and dropped: two OpenBLAS thread pools
+on two cores disturb each other's timings enough to pick wrongly.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import OpenELMError
+
+ENV = "OPENELM_MLX_MATMUL"
+MAX_DECODE_ROWS = 8  # up to here a matmul is decoding or speculative verification; above, a prompt
+_inference: ContextVar[bool] = ContextVar("openelm_mlx_inference", default=False)
+_second_stream: list = []
+
+
+@contextlib.contextmanager
+def inference() -> Iterator[None]:
+    """Allow the NumPy routes for the model calls made inside (they return evaluated arrays)."""
+    token = _inference.set(True)
+    try:
+        yield
+    finally:
+        _inference.reset(token)
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def _rows(x: mx.array) -> int:
+    return x.size // x.shape[-1]
+
+
+@functools.cache
+def numpy_routes() -> tuple[bool, bool]:
+    """(one-row matmuls, prompt matmuls): which go to NumPy in this process.
+
+    One row: NumPy's gemv wherever NumPy is not on Accelerate (macOS, where MLX's matmul is on
+    Accelerate too and nothing was measured).  Prompts: only when MLX runs on the reference BLAS;
+    with OpenBLAS preloaded MLX's own matmul was faster (210 vs 135 prompt tok/s, 270M float32)."""
+    from .blas import mlx_blas_is_reference
+
+    choice = os.environ.get(ENV, "auto")
+    if choice in ("numpy", "mlx"):
+        return (choice == "numpy",) * 2
+    if choice != "auto":
+        raise OpenELMError(f"{ENV}={choice}: expected auto, numpy or mlx")
+    return sys.platform != "darwin", mlx_blas_is_reference()
+
+
+def _np_matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # One row as matrix @ vector, so NumPy calls gemv rather than gemm.
+    return w @ x[0] if x.shape[0] == 1 else x @ w.T
+
+
+def _numpy_route(x: mx.array, w: mx.array) -> bool:
+    if not (_inference.get() and on_cpu() and x.dtype == mx.float32 and w.dtype == mx.float32):
+        return False
+    rows, (one, many) = _rows(x), numpy_routes()
+    return one if rows == 1 else many and rows > MAX_DECODE_ROWS
+
+
+def matmul_t(x: mx.array, w: mx.array) -> mx.array:
+    """``x @ w.T`` (``w`` is [out, in], as in every checkpoint) by the fastest route here."""
+    if not _numpy_route(x, w):
+        return x @ w.T
+    # np.asarray evaluates x and views the MLX buffers without copying them.
+    y = _np_matmul_t(np.asarray(x).reshape(-1, x.shape[-1]), np.asarray(w))
+    return mx.array(y).reshape(*x.shape[:-1], w.shape[0])
+
+
+def quantized_matmul_t(
+    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str
+) -> mx.array:
+    """``x @ dequantize(w).T`` on the CPU by the fastest route for the number of rows in ``x``."""
+    if _rows(x) > MAX_DECODE_ROWS:
+        return matmul_t(x, mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode))
+    if not _second_stream:
+        _second_stream.append(mx.new_stream(mx.cpu))
+    n = w.shape[0] // 2
+    halves = []
+    for rows, stream in ((slice(0, n), None), (slice(n, None), _second_stream[0])):
+        b = biases[rows] if biases is not None else None
+        with mx.stream(stream or mx.default_stream(mx.cpu)):
+            halves.append(
+                mx.quantized_matmul(
+                    x, w[rows], scales[rows], b, transpose=True, group_size=group_size, bits=bits, mode=mode
+                )
+            )
+    return mx.concatenate(halves, axis=-1)
+
+
+def describe() -> str:
+    """Which routes inference takes in this process, for ``--verbose`` and ``bench``."""
+    if not on_cpu():
+        return "MLX kernels"
+    blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
+    numpy_blas = f"NumPy ({blas.get('name', '?')} {blas.get('version', '')})".replace(" )", ")")
+    one, many = numpy_routes()
+    return f"float32 decoding matmuls: {numpy_blas if one else 'MLX'}; prompt matmuls: {numpy_blas if many else 'MLX'}"

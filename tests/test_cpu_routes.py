@@ -1,0 +1,112 @@
+"""cpu.py's NumPy routes: same numbers as MLX's matmuls, taken only for inference."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from helpers import build_model, random_weights, rel_err, small_config
+
+from openelm_mlx import cpu, reference
+from openelm_mlx.errors import OpenELMError
+from openelm_mlx.generate import generate_tokens
+
+TOL = 1e-4  # as in test_model: max abs logit error relative to the logit scale, float32
+
+
+@pytest.fixture
+def routes(monkeypatch):
+    """Force the routes with OPENELM_MLX_MATMUL; the decision is cached per process, so reset it."""
+
+    def force(choice: str) -> None:
+        monkeypatch.setenv(cpu.ENV, choice)
+        cpu.numpy_routes.cache_clear()
+
+    yield force
+    cpu.numpy_routes.cache_clear()
+
+
+def count_numpy_calls(monkeypatch) -> list:
+    calls = []
+    real = cpu._np_matmul_t
+
+    def spy(x, w):
+        calls.append(x.shape)
+        return real(x, w)
+
+    monkeypatch.setattr(cpu, "_np_matmul_t", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tied", "untied", "no_glu"])
+def test_numpy_routes_match_reference_prompt_and_decode(name, routes, monkeypatch):
+    routes("numpy")
+    calls = count_numpy_calls(monkeypatch)
+    config = small_config(name)
+    weights = random_weights(config)
+    model = build_model(config, weights)
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (1, 24))
+    cache = model.make_cache()
+    parts = [np.array(model.infer(mx.array(tokens[:, :16]), cache=cache))]  # 16 rows: a prompt
+    parts += [np.array(model.infer(mx.array(tokens[:, i : i + 1]), cache=cache)) for i in range(16, 24)]
+    ref = reference.forward(config, weights, tokens)
+    assert rel_err(np.concatenate(parts, axis=1), ref) < TOL
+    per_forward = 4 * config.num_transformer_layers + 1  # qkv, out, proj_1, proj_2 per layer, and the head
+    assert len(calls) == 9 * per_forward  # the prompt and all 8 decoding steps went through NumPy
+    assert sum(shape[0] == 1 for shape in calls) == 8 * per_forward
+
+
+def test_plain_calls_and_few_row_matmuls_stay_in_mlx(routes, monkeypatch):
+    routes("numpy")
+    calls = count_numpy_calls(monkeypatch)
+    config = small_config("tied")
+    model = build_model(config, random_weights(config))
+    one = mx.array([[5]])
+    model(one)  # not inside inference(): differentiable, compilable MLX
+    model.infer(mx.array([[5, 6, 7, 8]]))  # 4 rows: speculative verification sizes stay in MLX
+    assert calls == []
+
+    # Gradients through a one-token forward are real (a NumPy route would cut the graph).
+    def loss(params):
+        model.update(params)
+        return model(one).sum()
+
+    grads = mx.grad(loss)(model.trainable_parameters())
+    assert float(mx.abs(grads["transformer"]["layers"][0]["ffn"]["proj_2"]["weight"]).max()) > 0
+    compiled = mx.compile(lambda t: model(t))
+    assert np.allclose(np.array(compiled(one)), np.array(model(one)), atol=1e-5)
+
+
+def test_greedy_generation_is_the_same_on_both_routes(routes):
+    config = small_config("untied")
+    model = build_model(config, random_weights(config, seed=5))
+    prompt = list(range(3, 40))
+    out = {}
+    for choice in ("mlx", "numpy"):
+        routes(choice)
+        out[choice] = list(generate_tokens(model, prompt, max_tokens=20, ignore_eos=True))
+    assert out["mlx"] == out["numpy"] and len(out["mlx"]) == 20
+
+
+def test_half_precision_and_gpu_never_take_numpy(routes, monkeypatch):
+    routes("numpy")
+    calls = count_numpy_calls(monkeypatch)
+    config = small_config("tied")
+    model = build_model(config, random_weights(config), dtype=mx.bfloat16)
+    model.infer(mx.array([[5]]))
+    assert calls == []
+    monkeypatch.setattr(cpu, "on_cpu", lambda: False)
+    build_model(config, random_weights(config)).infer(mx.array([[5]]))
+    assert calls == []
+
+
+def test_auto_follows_mlx_blas_and_bad_choice_is_named(routes, monkeypatch):
+    from openelm_mlx import blas
+
+    routes("auto")
+    monkeypatch.setattr(blas, "mlx_blas_is_reference", lambda: True)
+    assert cpu.numpy_routes() == (True, True) or cpu.sys.platform == "darwin"
+    routes("auto")
+    monkeypatch.setattr(blas, "mlx_blas_is_reference", lambda: False)
+    assert cpu.numpy_routes()[1] is False
+    routes("fast")
+    with pytest.raises(OpenELMError, match="OPENELM_MLX_MATMUL=fast"):
+        cpu.numpy_routes()
