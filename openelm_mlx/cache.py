@@ -17,23 +17,35 @@ class KVCache:
         self.values: mx.array | None = None
         self.offset = 0
 
+    def reserve(self, n: int, like: mx.array | None = None) -> None:
+        """Make room for ``n`` more positions (buffers shaped after ``like`` when there are none yet)."""
+        prev = self.offset
+        if self.keys is not None and prev + n <= self.keys.shape[2]:
+            return
+        B, H, _, D = (self.keys if self.keys is not None else like).shape
+        dtype = (self.keys if self.keys is not None else like).dtype
+        grow = ((n + self.step - 1) // self.step) * self.step
+        new_k, new_v = mx.zeros((B, H, grow, D), dtype), mx.zeros((B, H, grow, D), dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append ``keys``/``values`` ([B, kv_heads, S, head_dim]); return the whole history."""
         prev, n = self.offset, keys.shape[2]
-        if self.keys is None or prev + n > self.keys.shape[2]:
-            B, H, _, D = keys.shape
-            grow = ((n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((B, H, grow, D), keys.dtype)
-            new_v = mx.zeros((B, H, grow, D), values.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.reserve(n, like=keys)
         self.keys[..., prev : prev + n, :] = keys
         self.values[..., prev : prev + n, :] = values
         self.offset += n
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @staticmethod
+    def mask(n: int) -> str | None:
+        """The attention mask for ``n`` new positions over the fetched history."""
+        # "causal" is lower-right aligned, which is what a prefill on top of a cache needs.
+        return "causal" if n > 1 else None
 
     def trim(self, n: int) -> int:
         """Forget the last ``n`` positions (rejected speculative tokens); returns how many.

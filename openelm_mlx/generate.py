@@ -23,6 +23,7 @@ from .errors import OpenELMError
 from .loading import load_model
 from .model import OpenELM
 from .sampling import SamplingOptions, make_sampler
+from .step import decoder
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512
@@ -186,12 +187,13 @@ def _plain_steps(model, pending, cache, history, sampler, max_tokens, track_cont
     # and the time to the first token is the prompt's.
     # The context (for the repetition penalty) grows on the device only when it is used.
     context = mx.array(history if track_context else [], dtype=mx.uint32)
+    decode = decoder(model)
 
     def step(y: mx.array) -> mx.array:
         nonlocal context
         if track_context:
             context = mx.concatenate([context, y.reshape(1).astype(mx.uint32)])
-        y = sampler(model.infer(y.reshape(1, 1), cache=cache)[0, -1], context)
+        y = sampler(decode(y.reshape(1, 1), cache)[0, -1], context)
         mx.async_eval(y)
         return y
 
@@ -252,8 +254,9 @@ class _DraftProposer:
         new = ids[self.cache[0].offset :]
         d = mx.argmax(_prefill(self.draft, new, self.cache))
         out = [d]
+        decode = decoder(self.draft)
         for _ in range(k - 1):
-            d = mx.argmax(self.draft.infer(d.reshape(1, 1), cache=self.cache)[0, -1])
+            d = mx.argmax(decode(d.reshape(1, 1), self.cache)[0, -1])
             out.append(d)
         mx.eval(out)
         return [t.item() for t in out]

@@ -90,9 +90,9 @@ class Attention(nn.Module):
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # GQA is native to the fused kernel; "causal" is lower-right aligned, which is
-        # what a prefill on top of an existing cache needs.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if S > 1 else None)
+        # GQA is native to the fused kernel.
+        mask = cache.mask(S) if cache is not None else KVCache.mask(S)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
 
