@@ -21,6 +21,7 @@ from . import cpu
 from .blas import describe
 from .generate import generate_tokens, peak_memory_gb
 from .loading import load_model
+from .step import uses_compiled_step
 
 
 @dataclass
@@ -144,6 +145,7 @@ def bench(
         "backend": str(mx.default_device()),
         "blas": describe(),
         "matmul_routes": cpu.describe(),
+        "decode_step": "compiled (mx.compile)" if uses_compiled_step(ours) else "eager",
         "runs": [asdict(r) for r in results],
         "median": summary,
         "ratio": None,
@@ -173,7 +175,10 @@ def _summary(runs: list[Run]) -> dict:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"model {r['model']} | backend {r['backend']} | BLAS {r['blas']}", f"routes: {r['matmul_routes']}"]
+    lines = [
+        f"model {r['model']} | backend {r['backend']} | BLAS {r['blas']}",
+        f"routes: {r['matmul_routes']}; decode step: {r['decode_step']}",
+    ]
     lines.append(f"{'engine':12s} {'prompt tok/s (min-max)':>28s} {'decode tok/s (min-max)':>26s} {'peak GB':>8s}")
     for name, s in r["median"].items():
         p, g = s["prompt_tps"], s["generation_tps"]

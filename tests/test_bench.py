@@ -52,3 +52,6 @@ def test_bench_writes_well_formed_json(tmp_path):
     assert report["same_tokens"] is True  # both engines decode the same weights greedily
     assert report["bandwidth_gbps"] > 0 and 0 < report["bandwidth_fraction"] < 10
     assert "ratio openelm-mlx / mlx-lm" in out.stdout
+    # A quantized model's decoding step stays in MLX, compiled.
+    assert report["decode_step"] == "compiled (mx.compile)" and "decoding matmuls" in report["matmul_routes"]
+    assert report["bandwidth_measured_gbps"]["read"] > 0 and report["bandwidth_measured_gbps"]["copy"] > 0
