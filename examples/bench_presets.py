@@ -78,6 +78,25 @@ def end_to_end(work: Path, runs: int) -> dict:
     }
 
 
+def markdown_rows(shape: str, tag: str, r: dict) -> list[str]:
+    """BENCHMARKS.md's table rows for one ``bench`` report (the bandwidth fraction of each engine's decode)."""
+    blas = "OpenBLAS" if "openblas" in r["blas"].lower() else "reference"
+    rows = []
+    for engine, s in r["median"].items():
+        decode = s["generation_tps"]["median"]
+        fraction = r["weight_bytes_per_token"] * decode / (r["bandwidth_gbps"] * 1e9)
+        ratio = (
+            f"**{r['ratio']['prompt_tps']:.3g}** | **{r['ratio']['generation_tps']:.3g}**"
+            if engine == "openelm-mlx" and r["ratio"]
+            else " | "
+        )
+        rows.append(
+            f"| {shape} | {tag} | {blas} | {engine} | {s['prompt_tps']['median']:.1f} | {decode:.2f} | "
+            f"{s['peak_memory_gb']['median']:.2f} GB | {100 * fraction:.0f}% | {ratio} |"
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", nargs="+", default=["270M", "1_1B"])
@@ -89,7 +108,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     from openelm_mlx import OpenELMConfig
 
-    results = {}
+    results, table = {}, []
     for preset in args.presets:
         src = work / f"src-{preset}"
         if not src.exists():
@@ -102,8 +121,10 @@ def main() -> None:
             cmd = [*CLI, "bench", "--model", str(dst), "-n", str(args.n), "-g", str(args.g), "--json", str(report_file)]
             print(run(cmd), flush=True)
             results[f"{preset} {tag}"] = json.loads(report_file.read_text())
+            table += markdown_rows(preset, tag, results[f"{preset} {tag}"])
     results["end-to-end"] = end_to_end(work, args.n)
     print(json.dumps(results["end-to-end"], indent=2))
+    print("\n".join(table))
     (work / "summary.json").write_text(json.dumps(results, indent=2))
 
 
