@@ -118,13 +118,18 @@ def _load_for_generation(args: argparse.Namespace):
     return model, tokenizer, draft
 
 
+def _size(gb: float) -> str:
+    # A small model's peak is a few MB: "0.00 GB" would say nothing.
+    return f"{gb:.2f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"
+
+
 def _figures(r, verbose: bool) -> str:
     from . import blas, cpu
 
     line = (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tokens/s | "
-        f"peak memory: {r.peak_memory_gb:.2f} GB"
+        f"peak memory: {_size(r.peak_memory_gb)}"
     )
     if verbose and r.draft_proposed:
         rate = r.draft_accepted / r.draft_proposed

@@ -2,6 +2,7 @@
 streaming detokenization, sampling filters, the CLI and the chat loop."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -199,6 +200,8 @@ def test_cli_generate_streams_text_and_reports_figures(tiny):
     assert out.stdout.decode() == expected + "\n"
     err = out.stderr.decode()
     assert "prompt:" in err and "tokens/s" in err and "peak memory" in err
+    peak = re.search(r"peak memory: ([0-9.]+) MB", err)  # a tiny model's peak is MB, not "0.00 GB"
+    assert peak and float(peak.group(1)) > 0, err
     out = cli("generate", "--model", str(tiny[0]), "--prompt", "-", "--max-tokens", "16", input=b"Tuat sohe")
     assert out.stdout.decode() == expected + "\n"
 
