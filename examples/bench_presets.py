@@ -79,12 +79,11 @@ def end_to_end(work: Path, runs: int) -> dict:
 
 
 def markdown_rows(shape: str, tag: str, r: dict) -> list[str]:
-    """BENCHMARKS.md's table rows for one ``bench`` report (the bandwidth fraction of each engine's decode)."""
+    """BENCHMARKS.md's table rows for one ``bench`` report."""
     blas = "OpenBLAS" if "openblas" in r["blas"].lower() else "reference"
     rows = []
     for engine, s in r["median"].items():
-        decode = s["generation_tps"]["median"]
-        fraction = r["weight_bytes_per_token"] * decode / (r["bandwidth_gbps"] * 1e9)
+        decode, fraction = s["generation_tps"]["median"], s["bandwidth_fraction"]
         ratio = (
             f"**{r['ratio']['prompt_tps']:.3g}** | **{r['ratio']['generation_tps']:.3g}**"
             if engine == "openelm-mlx" and r["ratio"]

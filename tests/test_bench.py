@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from helpers import random_weights, small_config, write_hf_folder
 from openelm_mlx.convert.pipeline import convert
 
@@ -51,6 +52,10 @@ def test_bench_writes_well_formed_json(tmp_path):
     assert set(report["ratio"]) == {"prompt_tps", "generation_tps"}
     assert report["same_tokens"] is True  # both engines decode the same weights greedily
     assert report["bandwidth_gbps"] > 0 and 0 < report["bandwidth_fraction"] < 10
+    ours, theirs = report["median"]["openelm-mlx"], report["median"]["mlx-lm"]
+    assert ours["bandwidth_fraction"] == report["bandwidth_fraction"]
+    # Same weights read per token by both engines: their fractions stand as their decode speeds.
+    assert theirs["bandwidth_fraction"] * report["ratio"]["generation_tps"] == pytest.approx(ours["bandwidth_fraction"])
     assert "ratio openelm-mlx / mlx-lm" in out.stdout
     # A quantized model's decoding step stays in MLX, compiled.
     assert report["decode_step"] == "compiled (mx.compile)" and "decoding matmuls" in report["matmul_routes"]
