@@ -15,7 +15,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from . import cpu
 from .blas import describe
@@ -72,11 +71,6 @@ def measure_bandwidth_gbps(mib: int = 1024, repeats: int = 5) -> dict[str, float
         out["read"] = m.nbytes / statistics.median(times) / 1e9
     out["gbps"] = max(out.values())
     return out
-
-
-def weight_bytes(model) -> int:
-    """Bytes of weights read per decoded token (the tied head re-reads the embedding, counted once)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def _ours(model, prompt: list[int], gen: int) -> Iterator[int]:
@@ -139,7 +133,7 @@ def bench(
             )
     bandwidth = measure_bandwidth_gbps()
     summary = {name: _summary([r for r in results if r.engine == name]) for name in engines}
-    bytes_per_token = weight_bytes(ours)
+    bytes_per_token = ours.weight_bytes
     for s in summary.values():  # weights read per second over what the memory delivers
         s["bandwidth_fraction"] = bytes_per_token * s["generation_tps"]["median"] / (bandwidth["gbps"] * 1e9)
     report = {

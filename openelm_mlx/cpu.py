@@ -36,6 +36,12 @@ from .errors import OpenELMError
 
 ENV = "OPENELM_MLX_MATMUL"
 MAX_DECODE_ROWS = 8  # up to here a matmul is decoding or speculative verification; above, a prompt
+# Below this many float32 weight bytes per layer, decoding is faster in the compiled MLX step
+# (step.py) than eagerly through NumPy's gemv: with small matrices the per-op cost of the eager
+# step outweighs sgemm's repacking.  Measured here (8-16 layers, random weights; eager / compiled
+# tok/s): 2.3 MB/layer (the bundled model) 0.61x, 10.4 MB 0.89x, 11.6 MB 0.90x, 17.7 MB 1.16x,
+# 25.5 MB 1.15x, 68 MB (270M) 1.58x.
+NUMPY_DECODE_MIN_LAYER_BYTES = 14_000_000
 _inference: ContextVar[bool] = ContextVar("openelm_mlx_inference", default=False)
 _second_stream: list = []
 
@@ -58,21 +64,33 @@ def _rows(x: mx.array) -> int:
     return x.size // x.shape[-1]
 
 
+def _choice() -> str:
+    choice = os.environ.get(ENV, "auto")
+    if choice not in ("auto", "numpy", "mlx"):
+        raise OpenELMError(f"{ENV}={choice}: expected auto, numpy or mlx")
+    return choice
+
+
 @functools.cache
 def numpy_routes() -> tuple[bool, bool]:
     """(one-row matmuls, prompt matmuls): which go to NumPy in this process.
 
     One row: NumPy's gemv wherever NumPy is not on Accelerate (macOS, where MLX's matmul is on
     Accelerate too and nothing was measured).  Prompts: only when MLX runs on the reference BLAS;
-    with OpenBLAS preloaded MLX's own matmul was faster (210 vs 135 prompt tok/s, 270M float32)."""
+    with OpenBLAS preloaded MLX's own matmul was faster (210 vs 135 prompt tok/s, 270M float32;
+    80 vs 43 on a 2-core AMD EPYC)."""
     from .blas import mlx_blas_is_reference
 
-    choice = os.environ.get(ENV, "auto")
-    if choice in ("numpy", "mlx"):
-        return (choice == "numpy",) * 2
+    choice = _choice()
     if choice != "auto":
-        raise OpenELMError(f"{ENV}={choice}: expected auto, numpy or mlx")
+        return (choice == "numpy",) * 2
     return sys.platform != "darwin", mlx_blas_is_reference()
+
+
+def numpy_decoding(layer_bytes: int) -> bool:
+    """Whether a float32 model with ``layer_bytes`` of weights per layer decodes through NumPy's
+    gemv (eagerly) rather than in the compiled MLX step; ``OPENELM_MLX_MATMUL=numpy`` forces it."""
+    return numpy_routes()[0] and (_choice() == "numpy" or layer_bytes >= NUMPY_DECODE_MIN_LAYER_BYTES)
 
 
 def _np_matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -124,4 +142,8 @@ def describe() -> str:
     blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {})
     numpy_blas = f"NumPy ({blas.get('name', '?')} {blas.get('version', '')})".replace(" )", ")")
     one, many = numpy_routes()
-    return f"float32 decoding matmuls: {numpy_blas if one else 'MLX'}; prompt matmuls: {numpy_blas if many else 'MLX'}"
+    if one and _choice() == "auto":
+        one_row = f"{numpy_blas} from {NUMPY_DECODE_MIN_LAYER_BYTES / 1e6:.0f} MB of weights per layer, else MLX"
+    else:
+        one_row = numpy_blas if one else "MLX"
+    return f"float32 decoding matmuls: {one_row}; prompt matmuls: {numpy_blas if many else 'MLX'}"

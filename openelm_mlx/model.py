@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from . import cpu
 from .cache import KVCache, make_cache
@@ -170,6 +171,11 @@ class OpenELM(nn.Module):
         are faster there but neither differentiable nor compilable."""
         with cpu.inference():
             return self(tokens, cache, last_only)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights: what one decoding step reads (the tied head re-reads the embedding, counted once)."""
+        return sum(v.nbytes for _, v in tree_flatten(self.parameters()))
 
     @property
     def layers(self) -> list[TransformerBlock]:

@@ -7,9 +7,10 @@ position as an array, so one trace serves the 256 positions of a cache allocatio
 (``cache.KVCache.step``); a longer buffer is a new shape and one new trace.
 
 The compiled step runs where MLX's kernels do the work: GPUs, and CPU models whose matmuls
-stay in MLX (quantized or half-precision weights, or ``OPENELM_MLX_MATMUL=mlx``).  A float32
-model on the CPU decodes eagerly instead, through cpu.py's NumPy gemv, which is faster there
-and cannot be traced.
+stay in MLX (quantized or half-precision weights, small float32 models, or
+``OPENELM_MLX_MATMUL=mlx``).  A float32 model with large layers (every OpenELM) decodes eagerly
+on the CPU instead, through cpu.py's NumPy gemv, which is faster there and cannot be traced
+(``cpu.numpy_decoding`` has the measured size rule).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def uses_compiled_step(model: OpenELM) -> bool:
     """Whether decoding ``model`` here goes through ``CompiledStep`` (see the module docstring)."""
     if not cpu.on_cpu():
         return True
-    weight = model.transformer.token_embeddings.weight
-    float32 = weight.dtype == mx.float32 and "scales" not in model.transformer.token_embeddings
-    return not (float32 and cpu.numpy_routes()[0])
+    embedding = model.transformer.token_embeddings
+    if embedding.weight.dtype != mx.float32 or "scales" in embedding:
+        return True
+    return not cpu.numpy_decoding(model.weight_bytes // len(model.layers))

@@ -79,6 +79,22 @@ def test_which_models_decode_compiled(monkeypatch):
     cpu.numpy_routes.cache_clear()
 
 
+def test_float32_decoding_route_follows_layer_size(monkeypatch):
+    # Automatic choice: a small float32 model decodes in the compiled step (per-op cost dominates),
+    # one with large layers through NumPy's gemv (sgemm's repacking dominates).
+    monkeypatch.delenv(cpu.ENV, raising=False)
+    monkeypatch.setattr(cpu, "numpy_routes", lambda: (True, False))
+    config = small_config("tied")
+    model = build_model(config, random_weights(config))
+    layer_bytes = model.weight_bytes // config.num_transformer_layers
+    assert layer_bytes < cpu.NUMPY_DECODE_MIN_LAYER_BYTES and step.uses_compiled_step(model)
+    monkeypatch.setattr(cpu, "NUMPY_DECODE_MIN_LAYER_BYTES", layer_bytes)
+    assert not step.uses_compiled_step(model)
+    assert f"from {layer_bytes / 1e6:.0f} MB of weights per layer" in cpu.describe()
+    monkeypatch.setattr(cpu, "numpy_routes", lambda: (False, False))  # e.g. macOS: no NumPy route at all
+    assert step.uses_compiled_step(model)
+
+
 def test_generation_continues_a_cache_through_compiled_steps(mlx_routes, monkeypatch):
     calls = []
     real = step.CompiledStep.__call__
