@@ -110,3 +110,30 @@ def test_auto_follows_mlx_blas_and_bad_choice_is_named(routes, monkeypatch):
     routes("fast")
     with pytest.raises(OpenELMError, match="OPENELM_MLX_MATMUL=fast"):
         cpu.numpy_routes()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_dequantize_equals_mlx(bits, group_size):
+    # The compiled elementwise kernel (2, 4, 8 bits) and the fallback give mx.dequantize's numbers.
+    w = mx.random.normal((97, 256), key=mx.random.key(bits * group_size))
+    q = mx.quantize(w, group_size=group_size, bits=bits)
+    ours = cpu.dequantize(*q, group_size, bits, "affine")
+    expected = mx.dequantize(*q, group_size=group_size, bits=bits)
+    assert ours.shape == expected.shape == w.shape and ours.dtype == expected.dtype
+    np.testing.assert_allclose(np.array(ours), np.array(expected), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, bits, group_size", [("affine", 4, 64), ("affine", 3, 32), ("mxfp4", 4, 32)])
+@pytest.mark.parametrize("rows", [1, 4, 24])  # decoding, speculative verification, a prompt
+def test_quantized_matmul_routes_equal_mlx(mode, bits, group_size, rows):
+    # 97 output rows: the two streams get unequal halves.
+    w = mx.random.normal((97, 256), key=mx.random.key(1))
+    x = mx.random.normal((1, rows, 256), key=mx.random.key(2))
+    wq, scales, *biases = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    b = biases[0] if biases else None
+    ours = cpu.quantized_matmul_t(x, wq, scales, b, group_size, bits, mode)
+    expected = mx.quantized_matmul(x, wq, scales, b, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    assert ours.shape == (1, rows, 97)
+    scale = float(mx.abs(expected).max())
+    assert float(mx.abs(ours - expected).max()) / scale < 1e-5  # float32 summation order only
