@@ -247,6 +247,7 @@ class _DraftProposer:
 
     def __init__(self, draft: OpenELM):
         self.draft, self.cache = draft, draft.make_cache()
+        self.decode = decoder(draft)  # chosen once: the choice sums the model's weight bytes
 
     def __call__(self, ids: list[int], k: int) -> list[int]:
         if k <= 0:
@@ -254,9 +255,8 @@ class _DraftProposer:
         new = ids[self.cache[0].offset :]
         d = mx.argmax(_prefill(self.draft, new, self.cache))
         out = [d]
-        decode = decoder(self.draft)
         for _ in range(k - 1):
-            d = mx.argmax(decode(d.reshape(1, 1), self.cache)[0, -1])
+            d = mx.argmax(self.decode(d.reshape(1, 1), self.cache)[0, -1])
             out.append(d)
         mx.eval(out)
         return [t.item() for t in out]
