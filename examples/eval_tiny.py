@@ -16,7 +16,7 @@ import numpy as np
 from openelm_mlx.convert.pipeline import convert
 from train_tiny import OUT, split_corpus
 
-from openelm_mlx.generate import load
+from openelm_mlx.loading import load
 from openelm_mlx.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,8 @@
 
 from .config import OpenELMConfig
 from .errors import OpenELMError
-from .generate import GenerationResponse, generate, load, stream_generate
+from .generate import GenerationResponse, generate, stream_generate
+from .loading import load
 from .model import OpenELM
 
 __all__ = ["GenerationResponse", "OpenELM", "OpenELMConfig", "OpenELMError", "generate", "load", "stream_generate"]

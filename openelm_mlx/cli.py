@@ -109,7 +109,7 @@ def _model_path(args: argparse.Namespace) -> str:
 
 
 def _load_for_generation(args: argparse.Namespace):
-    from .generate import load
+    from .loading import load
 
     model, tokenizer = load(_model_path(args), tokenizer=args.tokenizer)
     draft = None
@@ -237,7 +237,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
-    from .generate import load
+    from .loading import load
     from .perplexity import token_nll
 
     path = Path(args.text)

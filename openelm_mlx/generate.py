@@ -13,62 +13,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 
 from .cache import KVCache
-from .chat import format_prompt
 from .errors import OpenELMError
-from .loading import load_model
 from .model import OpenELM
 from .sampling import SamplingOptions, make_sampler
 from .step import decoder
+from .template import format_prompt
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512
-
-
-def load(path_or_repo: str | Path, tokenizer: str | Path | None = None) -> tuple[OpenELM, Tokenizer]:
-    """(model, tokenizer) from a converted directory, an HF folder with safetensors, or anything
-    ``convert`` reads (a Hub repo id, .bin folder, CoreNet file), converted once into a cache."""
-    from .convert.hub import looks_like_repo_id
-
-    path = Path(path_or_repo).expanduser()
-    convertible = path.is_file() or (
-        path.is_dir() and (path / "config.json").is_file() and not any(path.glob("model*.safetensors"))
-    )
-    if convertible or (not path.exists() and looks_like_repo_id(str(path_or_repo))):
-        path = _convert_into_cache(str(path_or_repo))
-    model = load_model(path)
-    tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.model"
-    if not tok_file.exists():
-        raise OpenELMError(
-            f"{path}: no tokenizer.model; pass --tokenizer with OpenELM's Llama-2 tokenizer.model "
-            "(or copy one into the model directory)"
-        )
-    tok = Tokenizer(tok_file)
-    if tok.vocab_size != model.config.vocab_size:
-        raise OpenELMError(
-            f"{tok_file}: tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}"
-        )
-    return model, tok
-
-
-def _convert_into_cache(src: str) -> Path:
-    import hashlib
-    import os
-    import sys
-
-    from .convert.pipeline import convert
-
-    root = Path(os.environ.get("OPENELM_MLX_CACHE", Path.home() / ".cache" / "openelm-mlx"))
-    dst = root / (Path(src).name + "-" + hashlib.sha1(src.encode()).hexdigest()[:8])
-    if not (dst / "config.json").is_file():
-        print(f"converting {src} into {dst} (once) ...", file=sys.stderr)
-        root.mkdir(parents=True, exist_ok=True)
-        convert(src, dst, force=True)
-    return dst
 
 
 @dataclass

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from .config import OpenELMConfig
 from .errors import CheckpointError, ConfigError, OpenELMError
 from .model import OpenELM
+from .tokenizer import Tokenizer
 
 
 def read_config(model_dir: str | Path) -> tuple[OpenELMConfig, dict[str, Any]]:
@@ -123,3 +124,45 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path, q
                 f"{where}: tensor {name} has shape {list(value.shape)}, "
                 f"the config expects {list(expected[name].shape)}{hint}"
             )
+
+
+def load(path_or_repo: str | Path, tokenizer: str | Path | None = None) -> tuple[OpenELM, Tokenizer]:
+    """(model, tokenizer) from a converted directory, an HF folder with safetensors, or anything
+    ``convert`` reads (a Hub repo id, .bin folder, CoreNet file), converted once into a cache."""
+    from .convert.hub import looks_like_repo_id
+
+    path = Path(path_or_repo).expanduser()
+    convertible = path.is_file() or (
+        path.is_dir() and (path / "config.json").is_file() and not any(path.glob("model*.safetensors"))
+    )
+    if convertible or (not path.exists() and looks_like_repo_id(str(path_or_repo))):
+        path = _convert_into_cache(str(path_or_repo))
+    model = load_model(path)
+    tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.model"
+    if not tok_file.exists():
+        raise OpenELMError(
+            f"{path}: no tokenizer.model; pass --tokenizer with OpenELM's Llama-2 tokenizer.model "
+            "(or copy one into the model directory)"
+        )
+    tok = Tokenizer(tok_file)
+    if tok.vocab_size != model.config.vocab_size:
+        raise OpenELMError(
+            f"{tok_file}: tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}"
+        )
+    return model, tok
+
+
+def _convert_into_cache(src: str) -> Path:
+    import hashlib
+    import os
+    import sys
+
+    from .convert.pipeline import convert
+
+    root = Path(os.environ.get("OPENELM_MLX_CACHE", Path.home() / ".cache" / "openelm-mlx"))
+    dst = root / (Path(src).name + "-" + hashlib.sha1(src.encode()).hexdigest()[:8])
+    if not (dst / "config.json").is_file():
+        print(f"converting {src} into {dst} (once) ...", file=sys.stderr)
+        root.mkdir(parents=True, exist_ok=True)
+        convert(src, dst, force=True)
+    return dst

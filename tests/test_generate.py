@@ -13,9 +13,10 @@ from helpers import random_weights, small_config, train_tokenizer, write_hf_fold
 from openelm_mlx.convert.pipeline import convert
 
 from openelm_mlx import generate, load, reference, stream_generate
-from openelm_mlx.chat import ChatSession, format_prompt
+from openelm_mlx.chat import ChatSession
 from openelm_mlx.generate import generate_tokens
 from openelm_mlx.sampling import SamplingOptions, apply_repetition_penalty, filter_logits, make_sampler
+from openelm_mlx.template import format_prompt
 from openelm_mlx.tokenizer import Tokenizer
 
 QUIET = dict(log=lambda s: None)

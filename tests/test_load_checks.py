@@ -10,8 +10,7 @@ from helpers import random_weights, small_config, write_hf_folder
 from openelm_mlx.convert.pipeline import convert
 
 from openelm_mlx.errors import CheckpointError, OpenELMError
-from openelm_mlx.generate import load
-from openelm_mlx.loading import load_model
+from openelm_mlx.loading import load, load_model
 
 QUIET = dict(log=lambda s: None)
 
