@@ -78,7 +78,9 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | list | None = None) -> mx.array:
+        """``cache``: one cache for the whole batch, or a list of one cache per row (the batched
+        engine: every sequence keeps its own history, so rows of any lengths decode together)."""
         B, S, _ = x.shape
         nq, nkv = self.n_heads, self.n_kv_heads
         # One transpose of the fused projection to [B, heads, S, head_dim], then views per part.
@@ -86,6 +88,17 @@ class Attention(nn.Module):
         q, k, v = mx.split(qkv, [nq, nq + nkv], axis=1)
         if self.normalize_qk:  # per head, over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
+        if isinstance(cache, list):
+            # Each row attends over its own cache with exactly the shapes it has alone, so a
+            # sequence's result does not depend on what else is in the batch.
+            rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
+            out = mx.concatenate(rows, axis=0) if B > 1 else rows[0]
+        else:
+            out = self._attend(q, k, v, cache)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
+        S = q.shape[2]
         offset = cache.offset if cache is not None else 0
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
@@ -93,8 +106,7 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         # GQA is native to the fused kernel.
         mask = cache.mask(S) if cache is not None else KVCache.mask(S)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
 
 
 @mx.compile
@@ -127,7 +139,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
         self.ffn = FeedForward(config, layer)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | list | None = None) -> mx.array:
         h = x + self.attn(self.attn_norm(x), cache)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -139,7 +151,8 @@ class Transformer(nn.Module):
         self.layers = [TransformerBlock(config, i) for i in range(config.num_transformer_layers)]
         self.norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
+        """``cache``: one entry per layer (a cache, or a list of per-row caches: see Attention)."""
         h = self.token_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache is not None else None)

@@ -41,37 +41,63 @@ class StepCache:
 
 
 class CompiledStep:
-    """``step(token[1, 1], cache) -> logits[1, 1, vocab]``, advancing the cache like ``model(...)``."""
+    """``step(tokens[B, 1], rows) -> logits[B, 1, vocab]``: one token for each of B sequences, each
+    with its own cache (``rows[b]`` is sequence b's list of per-layer caches), advanced like ``model(...)``.
+
+    Retrace rule: a trace is keyed on the input shapes, that is on B and on each row's buffer
+    length (a multiple of ``KVCache.step``); MLX keeps every trace, so a batch shape seen before
+    reuses its trace, and a lone sequence retraces once per 256 positions."""
 
     def __init__(self, model: OpenELM):
         self.model = model
+        n_layers = len(model.layers)
 
-        def step(tokens: mx.array, offset: mx.array, keys: list, values: list):
-            caches = [StepCache(k, v, offset) for k, v in zip(keys, values, strict=True)]
-            logits = model(tokens, cache=caches)
-            return logits, [c.keys for c in caches], [c.values for c in caches]
+        def step(tokens: mx.array, offsets: mx.array, keys: list, values: list):
+            B = tokens.shape[0]
+            # keys/values are flat, row-major: row b's layer l is at b * n_layers + l.
+            rows = [
+                [
+                    StepCache(keys[b * n_layers + i], values[b * n_layers + i], offsets[b : b + 1])
+                    for i in range(n_layers)
+                ]
+                for b in range(B)
+            ]
+            per_layer = [[rows[b][i] for b in range(B)] for i in range(n_layers)]
+            logits = model(tokens, cache=per_layer)
+            flat = [c for row in rows for c in row]
+            return logits, [c.keys for c in flat], [c.values for c in flat]
 
         # The weights are captured as inputs, so a model updated later is not baked in stale.
         self._step = mx.compile(step, inputs=model.state)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache]) -> mx.array:
-        if cache[0].keys is None:  # nothing to shape the buffers after yet
-            return self.model.infer(tokens, cache=cache)
-        for c in cache:
-            c.reserve(1)
-        offset = cache[0].offset
-        logits, keys, values = self._step(
-            tokens, mx.array([offset]), [c.keys for c in cache], [c.values for c in cache]
-        )
-        for c, k, v in zip(cache, keys, values, strict=True):
-            c.keys, c.values, c.offset = k, v, offset + 1
+    def __call__(self, tokens: mx.array, rows: list[list[KVCache]]) -> mx.array:
+        if any(cache[0].keys is None for cache in rows):  # nothing to shape the buffers after yet
+            return eager_step(self.model, tokens, rows)
+        for cache in rows:
+            for c in cache:
+                c.reserve(1)
+        offsets = [cache[0].offset for cache in rows]
+        flat = [c for cache in rows for c in cache]
+        logits, keys, values = self._step(tokens, mx.array(offsets), [c.keys for c in flat], [c.values for c in flat])
+        for c, k, v in zip(flat, keys, values, strict=True):
+            c.keys, c.values = k, v
+        for cache, offset in zip(rows, offsets, strict=True):
+            for c in cache:
+                c.offset = offset + 1
         return logits
 
 
-def decoder(model: OpenELM) -> Callable[[mx.array, list[KVCache]], mx.array]:
-    """The fastest one-token forward for ``model`` here: ``decode(token[1, 1], cache) -> logits``."""
+def eager_step(model: OpenELM, tokens: mx.array, rows: list[list[KVCache]]) -> mx.array:
+    """The same step without compiling (cpu.py's NumPy routes may run inside)."""
+    if len(rows) == 1:
+        return model.infer(tokens, cache=rows[0])
+    return model.infer(tokens, cache=[list(layer) for layer in zip(*rows, strict=True)])
+
+
+def decoder(model: OpenELM) -> Callable[[mx.array, list[list[KVCache]]], mx.array]:
+    """The fastest one-token forward for ``model`` here: ``decode(tokens[B, 1], rows) -> logits``."""
     if not uses_compiled_step(model):
-        return lambda tokens, cache: model.infer(tokens, cache=cache)
+        return lambda tokens, rows: eager_step(model, tokens, rows)
     step = getattr(model, "_compiled_step", None)
     if step is None:  # one per model, so its traces are reused from one generation to the next
         step = model._compiled_step = CompiledStep(model)

@@ -30,7 +30,7 @@ def test_compiled_steps_equal_the_full_forward(name):
     parts = [np.array(model(mx.array(tokens[:, :5]), cache=cache))]
     decode = step.CompiledStep(model)
     # 295 steps: the buffer grows past 256 positions (a new shape, a new trace) on the way.
-    parts += [np.array(decode(mx.array(tokens[:, i : i + 1]), cache)) for i in range(5, 300)]
+    parts += [np.array(decode(mx.array(tokens[:, i : i + 1]), [cache])) for i in range(5, 300)]
     assert cache[0].offset == 300 and cache[0].keys.shape[2] == 512
     assert rel_err(np.concatenate(parts, axis=1), full.astype(np.float64)) < TOL
 
@@ -44,7 +44,7 @@ def test_positions_past_the_offset_are_masked():
     model(mx.array(tokens[:, :10]), cache=cache)
     for c in cache:
         c.trim(4)  # 6 kept; positions 6..9 are stale in the buffer
-    logits = np.array(step.CompiledStep(model)(mx.array(tokens[:, 6:7]), cache))
+    logits = np.array(step.CompiledStep(model)(mx.array(tokens[:, 6:7]), [cache]))
     expected = np.array(model(mx.array(tokens[:, :7])))[:, -1:]
     assert rel_err(logits, expected.astype(np.float64)) < TOL
 
@@ -58,7 +58,7 @@ def test_quantized_compiled_step_equals_eager():
     model(mx.array(tokens[:, :5]), cache=eager_cache)
     model(mx.array(tokens[:, :5]), cache=compiled_cache)
     decode = step.CompiledStep(model)
-    a = [np.array(decode(mx.array(tokens[:, i : i + 1]), compiled_cache)) for i in range(5, 30)]
+    a = [np.array(decode(mx.array(tokens[:, i : i + 1]), [compiled_cache])) for i in range(5, 30)]
     b = [np.array(model(mx.array(tokens[:, i : i + 1]), cache=eager_cache)) for i in range(5, 30)]
     assert rel_err(np.concatenate(a, 1), np.concatenate(b, 1).astype(np.float64)) < TOL
 

@@ -1,0 +1,715 @@
+"""The generation engine: the one decode loop under every front end (generate, chat, bench, server, evaluate).
+
+An ``Engine`` runs a set of sequences.  Each keeps its own KV cache (allocated by need, 256
+positions at a time), so sequences of any lengths decode together in one batched step: the
+matmuls see B rows and read the weights once, and each row attends over its own cache with the
+shapes it would have alone (``model.Attention``).  That is what makes batching exact: at
+temperature 0 a sequence yields the same tokens whatever joins or leaves around it, and a seeded
+sequence draws from its own key.  (Left padding into one shared buffer was the alternative: it
+copies every cache when a sequence joins, and changes the attention's shapes.)
+
+``step()`` is one scheduling round:
+
+1. cancelled sequences leave; waiting ones are admitted up to ``max_batch``;
+2. one decode step for every running sequence (pipelined: the next step is queued on the
+   device before the previous tokens go back to Python), or, for a lone sequence with a draft
+   model or prompt lookup, one speculative round;
+3. prompt prefill, at most ``prefill_chunk`` tokens per round shared among the sequences still
+   prefilling, so one long prompt does not freeze the others; a sequence whose prompt is done
+   yields its first token in the same round and decodes from the next one.
+
+Per sequence: sampling options and seed, repetition penalty context, presence and frequency
+penalties (over its generated tokens), logit bias, log-probabilities (the chosen token's and the
+top k, of the model's distribution before any processing), stop strings (matched on the
+detokenized text and never emitted in part), max tokens.  Finished sequences can leave their KV
+state in a byte-bounded LRU keyed by token prefixes (``prompt_cache_bytes``): a later prompt
+that starts with the same tokens prefills only the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .errors import OpenELMError
+from .model import OpenELM
+from .sampling import SamplingOptions, make_sampler
+from .step import decoder
+from .template import format_prompt
+from .tokenizer import Tokenizer
+
+PREFILL_CHUNK = 512  # prompt tokens per round: long enough for the BLAS to run at full speed
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """What one sequence asks for."""
+
+    max_tokens: int = 256
+    sampling: SamplingOptions = SamplingOptions()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # on the detokenized text; the stop string is not part of the output
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+    prompt_logprobs: bool = False  # also the log-probability of every prompt token after the first
+    ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_lookup: int = 0  # prompt-lookup decoding: draft this many tokens copied from the context
+    num_draft_tokens: int = 3  # with the engine's draft model: tokens it proposes per round
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise OpenELMError(f"max_tokens {self.max_tokens}: must be at least 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise OpenELMError(f"logprobs {self.logprobs}: must be between 0 and {MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise OpenELMError(f"{name} {getattr(self, name)}: must be a finite number")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise OpenELMError("stop: every stop string must be a non-empty string")
+        if self.prompt_lookup < 0:
+            raise OpenELMError(f"prompt_lookup {self.prompt_lookup}: must be >= 0")
+        if self.num_draft_tokens < 1:
+            raise OpenELMError(f"num_draft_tokens {self.num_draft_tokens}: must be at least 1")
+
+
+@dataclass
+class Output:
+    """What one sequence produced in one round."""
+
+    seq_id: int
+    text: str  # new text ("" while a stop string or a UTF-8 character is still pending)
+    tokens: list[int]  # the token ids behind it
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    finish_reason: str | None  # "stop" (EOS or a stop string), "length", "cancelled" or None
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens that were already in the KV cache (prefix reuse)
+    generation_tokens: int
+    prompt_logprobs: list[float | None] | None = None  # on a sequence's first output only
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+
+
+class StopMatcher:
+    """Holds back text that could still become a stop string, so none is ever emitted in part."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held = stops, ""
+        self.keep = max((len(s) for s in stops), default=1) - 1
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        if not self.stops:
+            return piece, False
+        text = self.held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return text[: min(hits)], True
+        # Emit all but the longest tail that is a prefix of some stop string.
+        cut = len(text)
+        for n in range(min(self.keep, len(text)), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stops):
+                cut = len(text) - n
+                break
+        self.held = text[cut:]
+        return text[:cut], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+@dataclass
+class _Sequence:
+    id: int
+    params: GenParams
+    cache: list[KVCache]
+    history: list[int]  # every token of the sequence so far (what the cache holds, plus pending)
+    pending: list[int]  # prompt tokens not yet in the cache
+    sampler: Callable[[mx.array, mx.array], mx.array]
+    prompt_tokens: int
+    cached_tokens: int
+    kv_reserved: int
+    detok: object | None
+    stop: StopMatcher
+    context: mx.array | None = None  # repetition-penalty context up to the token before ``last``
+    counts: mx.array | None = None  # generated-token counts (presence/frequency penalties)
+    bias: tuple[mx.array, mx.array] | None = None
+    last: mx.array | None = None  # the token to feed next
+    fresh: bool = False  # whether ``last`` still has to be emitted
+    last_lp: tuple | None = None  # lazy log-probabilities of ``last``
+    generated: int = 0
+    prompt_lp: tuple | None = None
+    proposer: object | None = None
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+    finished: str | None = None
+
+
+class Engine:
+    """Runs many sequences at once; see the module docstring.  Not thread-safe: one thread owns it."""
+
+    def __init__(
+        self,
+        model: OpenELM,
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_batch: int = 8,
+        prefill_chunk: int = PREFILL_CHUNK,
+        kv_budget_bytes: int | None = None,
+        prompt_cache_bytes: int = 0,
+        draft_model: OpenELM | None = None,
+    ):
+        if max_batch < 1:
+            raise OpenELMError(f"max_batch {max_batch}: must be at least 1")
+        if prefill_chunk < 1:
+            raise OpenELMError(f"prefill_chunk {prefill_chunk}: must be at least 1")
+        if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
+            raise OpenELMError("--draft-model has a different vocabulary from --model")
+        self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.kv_budget_bytes = kv_budget_bytes
+        self.prefix_cache = PrefixCache(prompt_cache_bytes)
+        self.decode = decoder(model)
+        self._ids = itertools.count()
+        self.waiting: list[_Sequence] = []
+        self.prefilling: list[_Sequence] = []
+        self.running: list[_Sequence] = []
+        self._cancelled: set[int] = set()
+        self._kv_per_token = _kv_bytes_per_token(model)
+
+    # --- admission ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: GenParams | None = None,
+        *,
+        cache: list[KVCache] | None = None,
+        history: list[int] | None = None,
+    ) -> int:
+        """Queue a sequence; returns its id.  ``cache``/``history``: continue a conversation whose
+        tokens ``history`` (a prefix of which is in ``cache``) come before ``prompt``; both are
+        updated in place as the sequence runs.  Raises ``OpenELMError`` (and changes nothing)
+        if the sequence cannot run: empty prompt, over the context, over the KV budget."""
+        params = params or GenParams()
+        prompt = list(prompt)
+        if not prompt:
+            raise OpenELMError("the prompt is empty")
+        if (params.prompt_lookup or self.draft_model is not None) and params.prompt_logprobs:
+            raise OpenELMError("prompt log-probabilities cannot be combined with speculative decoding")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise OpenELMError(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
+        history = history if history is not None else []
+        if cache is not None and cache[0].offset > len(history):
+            raise OpenELMError("the KV cache holds more tokens than the given history")
+        used = len(history) + len(prompt)
+        limit = self.model.config.max_context_length
+        if used + params.max_tokens > limit:
+            raise OpenELMError(
+                f"the prompt ({used} tokens) plus --max-tokens {params.max_tokens} exceeds the model's context of "
+                f"{limit} tokens; shorten the prompt or lower --max-tokens"
+            )
+        need = _round_up(used + params.max_tokens) * self._kv_per_token
+        if self.kv_budget_bytes is not None and self.kv_reserved() + need > self.kv_budget_bytes:
+            raise OpenELMError(
+                f"this sequence needs {need / 2**20:.1f} MiB of KV cache and {self.kv_reserved() / 2**20:.1f} MiB "
+                f"of the {self.kv_budget_bytes / 2**20:.1f} MiB budget are in use; retry later or ask for fewer tokens"
+            )
+        if cache is None and not params.prompt_logprobs:  # prompt log-probabilities need every position
+            cache, cached = self.prefix_cache.fetch(self.model, history + prompt)
+        elif cache is None:
+            cache, cached = self.model.make_cache(), 0
+        else:
+            cached = cache[0].offset
+        history.extend(prompt)
+        sampling = params.sampling
+        seq = _Sequence(
+            id=next(self._ids),
+            params=params,
+            cache=cache,
+            history=history,
+            pending=history[cache[0].offset :],
+            sampler=make_sampler(sampling, params.seed),
+            prompt_tokens=len(prompt),
+            cached_tokens=min(cached, len(history) - 1),
+            kv_reserved=need,
+            detok=self.tokenizer.detokenizer() if self.tokenizer is not None else None,
+            stop=StopMatcher(params.stop),
+        )
+        if params.stop and self.tokenizer is None:
+            raise OpenELMError("stop strings need a tokenizer")
+        if params.logit_bias:
+            ids = list(params.logit_bias)
+            if any(not 0 <= t < vocab for t in ids):
+                raise OpenELMError(f"logit_bias: token ids must be in 0..{vocab - 1}")
+            seq.bias = (mx.array(ids), mx.array([float(params.logit_bias[t]) for t in ids]))
+        if params.presence_penalty or params.frequency_penalty:
+            seq.counts = mx.zeros((vocab,), dtype=mx.float32)
+        if self.draft_model is not None:
+            seq.proposer = _DraftProposer(self.draft_model)
+        elif params.prompt_lookup > 0:
+            seq.proposer = _lookup_proposer
+        self.waiting.append(seq)
+        return seq.id
+
+    def cancel(self, seq_id: int) -> None:
+        """The sequence finishes with ``finish_reason`` "cancelled" at the next round."""
+        self._cancelled.add(seq_id)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def kv_reserved(self) -> int:
+        return sum(s.kv_reserved for s in self._active())
+
+    def _active(self) -> list[_Sequence]:
+        return self.waiting + self.prefilling + self.running
+
+    # --- one round -----------------------------------------------------------------------------
+
+    def step(self) -> list[Output]:
+        out: list[Output] = []
+        if self._cancelled:
+            for s in self._active():
+                if s.id in self._cancelled:
+                    self._finish(s, "cancelled")
+                    out.append(self._output(s, [], "", "cancelled"))
+            self._cancelled.clear()
+        while self.waiting and len(self.prefilling) + len(self.running) < self.max_batch:
+            self.prefilling.append(self.waiting.pop(0))
+        if self.running:
+            alone = len(self.running) == 1 and not self.prefilling and not self.waiting
+            if alone and self.running[0].proposer is not None:
+                out += self._speculative_round(self.running[0])
+            else:
+                out += self._decode_round()
+        out += self._prefill_round()
+        return out
+
+    def _decode_round(self) -> list[Output]:
+        # A row whose pending token is its last one (max tokens) only emits it: nothing to feed.
+        last_one = [s for s in self.running if s.fresh and s.generated + 1 >= s.params.max_tokens]
+        rows = [s for s in self.running if s not in last_one]
+        nexts = self._feed(rows) if rows else []
+        out = []
+        for s in last_one:
+            out.append(self._emit(s, s.last.item(), s.last_lp))
+        for s, (y, lp) in zip(rows, nexts, strict=True):
+            if s.fresh:
+                o = self._emit(s, s.last.item(), s.last_lp)
+                if o is not None:
+                    out.append(o)
+            if s.finished is None:
+                s.last, s.fresh, s.last_lp = y, True, lp
+        return out
+
+    def _feed(self, rows: list[_Sequence]) -> list[tuple]:
+        """Queue one decode step over ``rows``; their next tokens (lazy) and log-probabilities."""
+        tokens = mx.concatenate([s.last.reshape(1, 1) for s in rows]) if len(rows) > 1 else rows[0].last.reshape(1, 1)
+        logits = self.decode(tokens.astype(mx.uint32), [s.cache for s in rows])[:, -1]
+        nexts = []
+        for i, s in enumerate(rows):
+            if s.context is not None:
+                s.context = mx.concatenate([s.context, s.last.reshape(1).astype(mx.uint32)])
+            if s.counts is not None and s.generated > 0:  # ``last`` is a generated token (not the prompt's last)
+                s.counts = s.counts.at[s.last.reshape(1)].add(1.0)
+            y, lp = self._sample(s, logits[i], s.context, s.counts)
+            nexts.append((y, lp))
+        mx.async_eval([y for y, _ in nexts] + [a for _, lp in nexts if lp for a in lp if a is not None])
+        return nexts
+
+    def _prefill_round(self) -> list[Output]:
+        budget, out = self.prefill_chunk, []
+        while budget > 0 and self.prefilling:
+            s = self.prefilling[0]
+            n = min(budget, len(s.pending))
+            chunk, s.pending = s.pending[:n], s.pending[n:]
+            budget -= n
+            if s.proposer is not None and not s.pending:
+                # Speculative rounds feed the last known token themselves: keep it out of the cache.
+                prefill(self.model, chunk[:-1], s.cache)
+                self.prefilling.pop(0)
+                self._after_speculation(s)
+                self.running.append(s)
+                continue
+            logits = self.model.infer(mx.array([chunk]), cache=s.cache, last_only=not s.params.prompt_logprobs)[0]
+            if s.params.prompt_logprobs:
+                self._prompt_logprobs(s, chunk, logits)
+            if s.pending:
+                mx.eval(logits)
+                continue
+            self.prefilling.pop(0)
+            s.context = mx.array(s.history, dtype=mx.uint32) if _tracks_context(s) else None
+            y, lp = self._sample(s, logits[-1], s.context, s.counts)
+            o = self._emit(s, y.item(), lp)
+            if o is not None:
+                out.append(o)
+            if s.finished is None:
+                s.last, s.fresh, s.last_lp = y, False, None
+                self.running.append(s)
+        return out
+
+    def _prompt_logprobs(self, s: _Sequence, chunk: list[int], logits: mx.array) -> None:
+        # Position j's logits score the token after it: the next chunk token, or (at a chunk's
+        # end) the first token of the next chunk, scored when that chunk arrives.
+        start = len(s.history) - len(s.pending) - len(chunk)
+        lps = logits.astype(mx.float32) - mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+        prev = s.prompt_lp
+        if prev is None:
+            prev = ([None] * (start + 1), [None] * (start + 1), None)  # tokens before the chunk: unscored
+        scored, tops, carry = prev
+        if carry is not None:  # the previous chunk's last position scores this chunk's first token
+            scored.append(carry[chunk[0]].item())
+            tops.append(_top(carry, s.params.logprobs or 0))
+        targets = mx.array(chunk[1:])
+        if len(chunk) > 1:
+            picked = mx.take_along_axis(lps[:-1], targets[:, None], axis=-1)[:, 0]
+            scored.extend(picked.tolist())
+            k = s.params.logprobs or 0
+            tops.extend(_top(lps[j], k) for j in range(len(chunk) - 1))
+        s.prompt_lp = (scored, tops, lps[-1])
+
+    def _sample(self, s: _Sequence, logits: mx.array, context: mx.array | None, counts: mx.array | None):
+        logits = logits.astype(mx.float32)
+        lp = None
+        if s.params.logprobs is not None:
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if s.bias is not None:
+            logits = logits.at[s.bias[0]].add(s.bias[1])
+        if counts is not None:
+            logits = logits - s.params.frequency_penalty * counts - s.params.presence_penalty * (counts > 0)
+        y = s.sampler(logits, context if context is not None else _EMPTY)
+        if s.params.logprobs is not None:
+            k = s.params.logprobs
+            if k > 0:
+                top = mx.argpartition(-logprobs, k - 1)[:k]
+                lp = (logprobs[y], top, logprobs[top])
+            else:
+                lp = (logprobs[y], None, None)
+        return y, lp
+
+    def _speculative_round(self, s: _Sequence) -> list[Output]:
+        # The cache holds every token but the last known one ``y``; one pass over y and the drafts
+        # samples the model at every position, and the agreeing prefix of drafts is kept.  A token
+        # is accepted only if it equals what the model itself samples there, so at temperature 0
+        # this gives exactly the plain greedy output.
+        if s.fresh:
+            out = self._emit(s, s.last.item(), s.last_lp)
+            s.fresh = False
+            if s.finished is not None:
+                return [out] if out else []
+        y = s.history[-1]
+        left = s.params.max_tokens - s.generated
+        k = s.params.num_draft_tokens if self.draft_model is not None else s.params.prompt_lookup
+        drafts = s.proposer(s.history, min(k, left - 1))
+        logits = self.model.infer(mx.array([[y, *drafts]]), cache=s.cache)[0]
+        generated = s.history[len(s.history) - s.generated :]
+        picks = []
+        for i in range(len(drafts) + 1):
+            ctx = mx.array(s.history + drafts[:i], dtype=mx.uint32) if _tracks_context(s) else None
+            counts = _counts(generated + drafts[:i], self.model.config.vocab_size) if s.counts is not None else None
+            picks.append(self._sample(s, logits[i], ctx, counts))
+        mx.eval([p for p, _ in picks] + [a for _, lp in picks if lp for a in lp if a is not None])
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == picks[accepted][0].item():
+            accepted += 1
+        s.draft_proposed += len(drafts)
+        s.draft_accepted += accepted
+        for c in s.cache:
+            c.trim(len(drafts) - accepted)
+        if isinstance(s.proposer, _DraftProposer):
+            s.proposer.rollback(len(s.history) + min(accepted, max(len(drafts) - 1, 0)))
+        out = []
+        kept = [(drafts[i], picks[i][1]) for i in range(accepted)] + [(picks[accepted][0].item(), picks[accepted][1])]
+        for tok, lp in kept:
+            o = self._emit(s, tok, lp)
+            if o is not None:
+                out.append(o)
+            if s.finished is not None:
+                return out
+        self._after_speculation(s)
+        return out
+
+    def _after_speculation(self, s: _Sequence) -> None:
+        # The cache holds every token but the last; a batched round (when others join) feeds it.
+        s.last, s.fresh, s.last_lp = mx.array(s.history[-1]), False, None
+        s.context = mx.array(s.history[:-1], dtype=mx.uint32) if _tracks_context(s) else None
+        if s.counts is not None:
+            generated = s.history[len(s.history) - s.generated :] if s.generated else []
+            s.counts = _counts(generated[:-1], self.model.config.vocab_size)
+
+    # --- emitting and finishing ----------------------------------------------------------------
+
+    def _emit(self, s: _Sequence, tok: int, lp: tuple | None) -> Output | None:
+        s.generated += 1
+        s.history.append(tok)
+        eos = tok == self.model.config.eos_token_id and not s.params.ignore_eos
+        text, hit = "", False
+        if s.detok is not None and not eos:
+            text, hit = s.stop.feed(s.detok.add(tok))
+        finish = "stop" if eos or hit else ("length" if s.generated >= s.params.max_tokens else None)
+        if finish and s.detok is not None and not hit:
+            tail, hit2 = s.stop.feed(s.detok.finalize())
+            text += tail if hit2 else tail + s.stop.flush()
+        logprobs = top = None
+        if lp is not None:
+            logprobs = [lp[0].item()]
+            top = [list(zip(lp[1].tolist(), lp[2].tolist(), strict=True))] if lp[1] is not None else [[]]
+            top[0].sort(key=lambda p: -p[1])
+        o = self._output(s, [tok], text, finish, logprobs, top)
+        if s.prompt_lp is not None:
+            o.prompt_logprobs, o.prompt_top_logprobs = s.prompt_lp[0], s.prompt_lp[1]
+            s.prompt_lp = None
+        if finish:
+            self._finish(s, finish)
+        return o
+
+    def _output(self, s, tokens, text, finish, logprobs=None, top=None) -> Output:
+        return Output(
+            seq_id=s.id,
+            text=text,
+            tokens=tokens,
+            logprobs=logprobs,
+            top_logprobs=top,
+            finish_reason=finish,
+            prompt_tokens=s.prompt_tokens,
+            cached_tokens=s.cached_tokens,
+            generation_tokens=s.generated,
+            draft_proposed=s.draft_proposed,
+            draft_accepted=s.draft_accepted,
+        )
+
+    def _finish(self, s: _Sequence, reason: str) -> None:
+        s.finished = reason
+        for group in (self.waiting, self.prefilling, self.running):
+            if s in group:
+                group.remove(s)
+        # Keep the cache in step with the history: a pipelined step may have fed one more token,
+        # a cancelled prefill may have fed part of the prompt.
+        kept = min(len(s.history), s.cache[0].offset)
+        for c in s.cache:
+            c.trim(c.offset - kept)
+        if s.cache[0].offset > 0:
+            self.prefix_cache.store(s.history[: s.cache[0].offset], s.cache)
+
+
+_EMPTY = mx.array([], dtype=mx.uint32)
+
+
+def prefill(model: OpenELM, ids: list[int], cache: list[KVCache]) -> mx.array | None:
+    """Run ``ids`` through the model into ``cache`` in chunks; the last position's logits."""
+    logits = None
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        logits = model.infer(mx.array([ids[start : start + PREFILL_CHUNK]]), cache=cache, last_only=True)[0, -1]
+        mx.eval(logits)
+    return logits
+
+
+def _tracks_context(s: _Sequence) -> bool:
+    return s.params.sampling.repetition_penalty != 1.0
+
+
+def _counts(tokens: list[int], vocab: int) -> mx.array:
+    counts = mx.zeros((vocab,), dtype=mx.float32)
+    return counts.at[mx.array(tokens)].add(1.0) if tokens else counts
+
+
+def _top(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    idx = mx.argpartition(-logprobs, k - 1)[:k]
+    pairs = list(zip(idx.tolist(), logprobs[idx].tolist(), strict=True))
+    return sorted(pairs, key=lambda p: -p[1])
+
+
+def _round_up(n: int) -> int:
+    return -(-n // KVCache.step) * KVCache.step
+
+
+def _kv_bytes_per_token(model: OpenELM) -> int:
+    itemsize = model.transformer.norm.weight.dtype.size  # the activations' dtype, and so the cache's
+    c = model.config
+    return sum(2 * kv * c.head_dim * itemsize for kv in c.num_kv_heads)
+
+
+class PrefixCache:
+    """A byte-bounded LRU of finished sequences' KV states, keyed by their tokens.
+
+    A new prompt reuses the longest common prefix with any entry (the KV state of position i
+    depends only on tokens 0..i), always leaving at least one token to prefill for its logits."""
+
+    def __init__(self, max_bytes: int = 0):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], list[KVCache]] = OrderedDict()
+        self.hits = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_cache_bytes(c) for c in self.entries.values())
+
+    def store(self, tokens: list[int], cache: list[KVCache]) -> None:
+        if self.max_bytes <= 0 or _cache_bytes(cache) > self.max_bytes:
+            return
+        key = tuple(tokens)
+        self.entries.pop(key, None)
+        self.entries[key] = [_copy(c, len(tokens)) for c in cache]
+        while self.nbytes > self.max_bytes:
+            self.entries.popitem(last=False)
+
+    def fetch(self, model: OpenELM, prompt: list[int]) -> tuple[list[KVCache], int]:
+        best, best_key = 0, None
+        limit = len(prompt) - 1
+        for key in self.entries:
+            n = 0
+            for a, b in zip(key, prompt[:limit], strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return model.make_cache(), 0
+        self.entries.move_to_end(best_key)
+        self.hits += 1
+        return [_copy(c, best) for c in self.entries[best_key]], best
+
+
+def _cache_bytes(cache: list[KVCache]) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+def _copy(c: KVCache, n: int) -> KVCache:
+    out = KVCache()
+    if c.keys is not None and n > 0:
+        out.keys, out.values = c.keys[..., : _round_up(n), :], c.values[..., : _round_up(n), :]
+        mx.eval(out.keys, out.values)
+        out.offset = n
+    return out
+
+
+class _DraftProposer:
+    """Greedy drafts from a smaller OpenELM with its own cache (all eight share a tokenizer)."""
+
+    def __init__(self, draft: OpenELM):
+        self.draft, self.cache = draft, draft.make_cache()
+        self.decode = decoder(draft)  # chosen once: the choice sums the model's weight bytes
+
+    def __call__(self, ids: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        d = mx.argmax(prefill(self.draft, ids[self.cache[0].offset :], self.cache))
+        out = [d]
+        for _ in range(k - 1):
+            d = mx.argmax(self.decode(d.reshape(1, 1), [self.cache])[0, -1])
+            out.append(d)
+        mx.eval(out)
+        return [t.item() for t in out]
+
+    def rollback(self, keep: int) -> None:
+        for c in self.cache:
+            c.trim(c.offset - keep)
+
+
+def _lookup_proposer(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt-lookup decoding: continue the latest earlier occurrence of the last n-gram."""
+    if k <= 0:
+        return []
+    for n in range(min(max_ngram, len(ids) - 1), 0, -1):
+        tail = ids[-n:]
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start : start + n] == tail:
+                return ids[start + n : start + n + k]
+    return []
+
+
+# --- the Python API over the engine ---------------------------------------------------------------
+
+
+@dataclass
+class StreamStats:
+    """Running figures for one sequence, as the CLI prints them."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    first: float = 0.0
+
+
+def encode_prompt(model: OpenELM, tokenizer: Tokenizer, prompt: str | list[int], **template) -> list[int]:
+    """Token ids for ``prompt``: text goes through the Instruct template for Instruct models."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if not prompt.strip():
+        raise OpenELMError("the prompt is empty")
+    text = format_prompt(
+        prompt,
+        getattr(model, "is_instruct", False),
+        template.get("system_prompt"),
+        template.get("chat_template", "auto"),
+    )
+    return tokenizer.encode(text)
+
+
+def params_from_options(
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    **rest,
+) -> GenParams:
+    """``GenParams`` from the keyword options generate/stream_generate/batch_generate take."""
+    sampling = SamplingOptions(temp, top_p, top_k, min_p, repetition_penalty)
+    return GenParams(max_tokens=max_tokens, sampling=sampling, **rest)
+
+
+_TEMPLATE_KEYS = ("system_prompt", "chat_template")
+
+
+def stream_batch_generate(
+    model: OpenELM,
+    tokenizer: Tokenizer,
+    prompts: list[str | list[int]],
+    *,
+    max_batch: int = 8,
+    draft_model: OpenELM | None = None,
+    **options,
+) -> Iterator[tuple[int, Output]]:
+    """Yield ``(prompt index, Output)`` as the sequences of ``prompts`` decode together."""
+    template = {k: options.pop(k) for k in _TEMPLATE_KEYS if k in options}
+    params = params_from_options(**options)
+    engine = Engine(model, tokenizer, max_batch=max_batch, draft_model=draft_model)
+    index = {engine.submit(encode_prompt(model, tokenizer, p, **template), params): i for i, p in enumerate(prompts)}
+    try:
+        while engine.has_work():
+            for o in engine.step():
+                yield index[o.seq_id], o
+    finally:
+        for seq_id in index:  # a consumer that stops early leaves nothing running
+            engine.cancel(seq_id)
+
+
+def batch_generate(model: OpenELM, tokenizer: Tokenizer, prompts: list[str | list[int]], **options) -> list[str]:
+    """The generated text for each prompt (without the prompt), decoded together in batches of
+    ``max_batch`` (default 8); options as for ``generate.stream_generate`` plus ``stop``, ``seed``."""
+    texts = [""] * len(prompts)
+    for i, o in stream_batch_generate(model, tokenizer, prompts, **options):
+        texts[i] += o.text
+    return texts
