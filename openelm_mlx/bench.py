@@ -1,7 +1,10 @@
 """``openelm-mlx bench``: prompt and decode speed of openelm-mlx against mlx_lm on the same weights.
 
 Both engines load the same converted directory in one process; runs alternate after a warm-up
-of each, and medians (with min/max) are reported, since shared machines are noisy.
+of each, and medians (with min/max) are reported, since shared machines are noisy.  With
+``batch`` > 1, B sequences decode together (openelm-mlx's engine against ``mlx_lm``'s
+``BatchGenerator``, the machinery under ``mlx_lm.batch_generate``) and decode speed is the
+aggregate: tokens of all sequences per second, from the moment every sequence has its first token.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from . import cpu
 from .blas import describe
+from .engine import Engine, GenParams
 from .generate import generate_tokens, peak_memory_gb
 from .loading import load_model
 from .step import uses_compiled_step
@@ -84,19 +88,56 @@ def _mlx_lm(model, prompt: list[int], gen: int) -> Iterator[int]:
         yield int(tok)
 
 
-def timed_run(engine: str, step_fn: Callable, model, prompt: list[int], gen: int) -> tuple[Run, list[int]]:
+def _ours_batch(model, prompts: list[list[int]], gen: int) -> Iterator[tuple[int, int]]:
+    engine = Engine(model, max_batch=len(prompts))
+    for p in prompts:
+        engine.submit(p, GenParams(max_tokens=gen, ignore_eos=True))
+    while engine.has_work():
+        for o in engine.step():
+            for tok in o.tokens:
+                yield o.seq_id, tok
+
+
+def _mlx_lm_batch(model, prompts: list[list[int]], gen: int) -> Iterator[tuple[int, int]]:
+    from mlx_lm.generate import BatchGenerator
+
+    B = len(prompts)
+    greedy = lambda x: mx.argmax(x, axis=-1)  # noqa: E731
+    gen_ = BatchGenerator(model, stop_tokens=[], sampler=greedy, completion_batch_size=B, prefill_batch_size=B)
+    uids = gen_.insert(prompts, [gen] * B)
+    index = {u: i for i, u in enumerate(uids)}
+    try:
+        while responses := gen_.next_generated():
+            for r in responses:
+                yield index[r.uid], int(r.token)
+    finally:
+        gen_.close()
+
+
+def timed_run(engine: str, step_fn: Callable, model, prompt: list, gen: int) -> tuple[Run, list]:
+    """One run; ``prompt`` is one prompt, or a list of B prompts for a batched ``step_fn`` that
+    yields (sequence, token).  Decode speed counts the tokens after the last first token."""
     mx.clear_cache()
     mx.reset_peak_memory()
+    batched = isinstance(prompt[0], list)
+    prompts = prompt if batched else [prompt]
+    stream = step_fn(model, prompt, gen) if batched else ((0, t) for t in step_fn(model, prompt, gen))
     t0 = time.perf_counter()
-    tokens, t_first = [], 0.0
-    for tok in step_fn(model, prompt, gen):
-        if not tokens:
-            t_first = time.perf_counter()
-        tokens.append(tok)
+    tokens: dict[int, list[int]] = {}
+    t_all, after = 0.0, 0
+    for seq, tok in stream:
+        tokens.setdefault(seq, []).append(tok)
+        if t_all:
+            after += 1
+        elif len(tokens) == len(prompts):  # every sequence has its first token
+            t_all = time.perf_counter()
     t_end = time.perf_counter()
-    decode_tps = (len(tokens) - 1) / (t_end - t_first) if len(tokens) > 1 else 0.0
-    run = Run(engine, len(prompt), len(tokens), len(prompt) / (t_first - t0), decode_tps, peak_memory_gb())
-    return run, tokens
+    decode_tps = after / (t_end - t_all) if after else 0.0
+    prompt_count = sum(len(p) for p in prompts)
+    generated = sum(map(len, tokens.values()))
+    run = Run(engine, prompt_count, generated, prompt_count / (t_all - t0), decode_tps, peak_memory_gb())
+    ordered = [tokens[k] for k in sorted(tokens)]
+    return run, ordered if batched else ordered[0]
 
 
 def bench(
@@ -107,16 +148,19 @@ def bench(
     compare: str | None = "mlx-lm",
     seed: int = 0,
     log: Callable[[str], None] = print,
+    batch: int = 1,
 ) -> dict:
     model_dir = Path(model_dir)
-    engines: dict[str, tuple[Callable, object]] = {"openelm-mlx": (_ours, load_model(model_dir))}
+    ours_fn, theirs_fn = (_ours, _mlx_lm) if batch == 1 else (_ours_batch, _mlx_lm_batch)
+    engines: dict[str, tuple[Callable, object]] = {"openelm-mlx": (ours_fn, load_model(model_dir))}
     if compare == "mlx-lm":
         from mlx_lm.utils import load_model as mlx_lm_load_model
 
-        engines["mlx-lm"] = (_mlx_lm, mlx_lm_load_model(model_dir)[0])
+        engines["mlx-lm"] = (theirs_fn, mlx_lm_load_model(model_dir)[0])
     ours = engines["openelm-mlx"][1]
-    vocab = ours.config.vocab_size
-    prompt = [ours.config.bos_token_id] + np.random.default_rng(seed).integers(3, vocab, prompt_tokens - 1).tolist()
+    vocab, rng = ours.config.vocab_size, np.random.default_rng(seed)
+    prompts = [[ours.config.bos_token_id] + rng.integers(3, vocab, prompt_tokens - 1).tolist() for _ in range(batch)]
+    prompt = prompts[0] if batch == 1 else prompts
     greedy: dict[str, list[int]] = {}
     for name, (fn, model) in engines.items():  # warm-up (and the greedy tokens to compare)
         _, greedy[name] = timed_run(name, fn, model, prompt, gen_tokens)
@@ -135,9 +179,12 @@ def bench(
     summary = {name: _summary([r for r in results if r.engine == name]) for name in engines}
     bytes_per_token = ours.weight_bytes
     for s in summary.values():  # weights read per second over what the memory delivers
-        s["bandwidth_fraction"] = bytes_per_token * s["generation_tps"]["median"] / (bandwidth["gbps"] * 1e9)
+        # A batched step reads the weights once for all its rows.
+        steps_per_s = s["generation_tps"]["median"] / batch
+        s["bandwidth_fraction"] = bytes_per_token * steps_per_s / (bandwidth["gbps"] * 1e9)
     report = {
         "model": str(model_dir),
+        "batch": batch,
         "backend": str(mx.default_device()),
         "blas": describe(),
         "matmul_routes": cpu.describe(),
@@ -169,8 +216,9 @@ def _summary(runs: list[Run]) -> dict:
 
 
 def format_report(r: dict) -> str:
+    batch = r.get("batch", 1)
     lines = [
-        f"model {r['model']} | backend {r['backend']} | BLAS {r['blas']}",
+        f"model {r['model']} | batch {batch} | backend {r['backend']} | BLAS {r['blas']}",
         f"routes: {r['matmul_routes']}; decode step: {r['decode_step']}",
     ]
     lines.append(f"{'engine':12s} {'prompt tok/s (min-max)':>28s} {'decode tok/s (min-max)':>26s} {'peak GB':>8s}")
@@ -186,10 +234,12 @@ def format_report(r: dict) -> str:
             f"decode {r['ratio']['generation_tps']:.3f}; "
             f"same greedy tokens: {r['same_tokens']}"
         )
+    if batch > 1:
+        lines.append(f"decode tok/s is the aggregate over {batch} sequences; prompt tok/s covers all {batch} prompts")
     lines.append(
         f"memory bandwidth {r['bandwidth_gbps']:.1f} GB/s "
         f"({', '.join(f'{k} {v:.1f}' for k, v in r['bandwidth_measured_gbps'].items() if k != 'gbps')}); "
-        f"decode reads {r['weight_bytes_per_token'] / 1e6:.1f} MB/token "
+        f"decode reads {r['weight_bytes_per_token'] / 1e6:.1f} MB/step "
         f"= {100 * r['bandwidth_fraction']:.1f}% of bandwidth"
     )
     return "\n".join(lines)

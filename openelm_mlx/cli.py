@@ -264,6 +264,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.num_runs,
         None if args.compare == "none" else args.compare,
         log=lambda m: print(m, file=sys.stderr),
+        batch=args.batch,
     )
     print(format_report(report))
     if args.json:
@@ -287,6 +288,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed reproduces a run")
     p.add_argument("--system-prompt", default=None, help="system prompt for Instruct models")
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, not {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, not {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -372,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-g", "--generation-tokens", type=int, default=128)
     p.add_argument("-n", "--num-runs", type=int, default=5)
     p.add_argument("--compare", default="mlx-lm", choices=["mlx-lm", "none"])
+    p.add_argument(
+        "--batch",
+        type=_positive_int("--batch"),
+        default=1,
+        help="B sequences decoding together: aggregate tok/s against mlx_lm's batch_generate (default 1)",
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
     return parser
