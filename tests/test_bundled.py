@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from openelm_mlx.convert.pipeline import convert
 
-from openelm_mlx.generate import generate, load
+from openelm_mlx.generate import generate
+from openelm_mlx.loading import load
 from openelm_mlx.perplexity import perplexity
 
 ROOT = Path(__file__).resolve().parent.parent
