@@ -37,7 +37,14 @@ import numpy as np
 from .errors import OpenELMError
 
 ENV = "OPENELM_MLX_MATMUL"
-MAX_DECODE_ROWS = 8  # up to here a matmul is decoding or speculative verification; above, a prompt
+# Up to here a matmul is decoding (one row per sequence of a batch, or speculative verification);
+# above, a prompt.  A float32 decoding matmul goes to NumPy's BLAS: with 8 rows of 1280 x 10240 it
+# took 8 ms against 20 ms in MLX on OpenBLAS and 119 ms on the reference BLAS (2.1 ms for one row).
+MAX_DECODE_ROWS = 16
+# From this many rows a quantized matmul dequantizes and calls the BLAS: MLX's CPU quantized matmul
+# costs about the same per row as one dequantize does in all (4-bit 1280 x 10240: 7.6 ms per row on
+# two streams, 19-57 ms to dequantize; so 4 rows and more).
+QUANTIZED_DEQUANTIZE_MIN_ROWS = 4
 # Below this many float32 weight bytes per layer, decoding is faster in the compiled MLX step
 # (step.py) than eagerly through NumPy's gemv: with small matrices the per-op cost of the eager
 # step outweighs sgemm's repacking.  Measured here (8-16 layers, random weights; eager / compiled
@@ -75,12 +82,12 @@ def _choice() -> str:
 
 @functools.cache
 def numpy_routes() -> tuple[bool, bool]:
-    """(one-row matmuls, prompt matmuls): which go to NumPy in this process.
+    """(decoding matmuls of up to ``MAX_DECODE_ROWS`` rows, prompt matmuls): which go to NumPy.
 
-    One row: NumPy's gemv wherever NumPy is not on Accelerate (macOS, where MLX's matmul is on
-    Accelerate too and nothing was measured).  Prompts: only when MLX runs on the reference BLAS;
-    with OpenBLAS preloaded MLX's own matmul was faster (210 vs 135 prompt tok/s, 270M float32;
-    80 vs 43 on a 2-core AMD EPYC)."""
+    Decoding: NumPy's gemv (one row) or gemm (a batch) wherever NumPy is not on Accelerate
+    (macOS, where MLX's matmul is on Accelerate too and nothing was measured).
+    Prompts: only when MLX runs on the reference BLAS; with OpenBLAS preloaded MLX's own matmul
+    was faster (210 vs 135 prompt tok/s, 270M float32; 80 vs 43 on a 2-core AMD EPYC)."""
     from .blas import mlx_blas_is_reference
 
     choice = _choice()
@@ -96,7 +103,8 @@ def numpy_decoding(layer_bytes: int) -> bool:
 
 
 def _np_matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    # One row as matrix @ vector, so NumPy calls gemv rather than gemm.
+    # One row as matrix @ vector, so NumPy calls gemv rather than gemm; a few rows (a batch of
+    # sequences decoding) through gemm read the weights once for all of them.
     return w @ x[0] if x.shape[0] == 1 else x @ w.T
 
 
@@ -104,7 +112,7 @@ def _numpy_route(x: mx.array, w: mx.array) -> bool:
     if not (_inference.get() and on_cpu() and x.dtype == mx.float32 and w.dtype == mx.float32):
         return False
     rows, (one, many) = _rows(x), numpy_routes()
-    return one if rows == 1 else many and rows > MAX_DECODE_ROWS
+    return one if rows <= MAX_DECODE_ROWS else many
 
 
 def matmul_t(x: mx.array, w: mx.array) -> mx.array:
@@ -155,7 +163,7 @@ def quantized_matmul_t(
     Both routes split the output rows over two CPU streams: decoding runs two quantized matmuls
     at once; a prompt dequantizes the two halves at once and multiplies them with BLAS, whose
     own threads already use every core, one after the other on the default stream."""
-    prompt = _rows(x) > MAX_DECODE_ROWS
+    prompt = _rows(x) >= QUANTIZED_DEQUANTIZE_MIN_ROWS
     out = []
     for rows, stream in _halves(w.shape[0]):
         part = (w[rows], scales[rows], biases[rows] if biases is not None else None)

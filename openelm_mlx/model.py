@@ -15,6 +15,10 @@ from . import cpu
 from .cache import KVCache, make_cache
 from .config import OpenELMConfig
 
+# Batched decoding stacks the rows' KV buffers for one attention while one row's buffer is at
+# most this big; past it the copy costs more than attending row by row (about 0.6 ms a row).
+STACKED_ATTENTION_MAX_BYTES = 4 * 2**20
+
 # --- layers that take the faster CPU routes of cpu.py ------------------------------------------
 
 
@@ -89,13 +93,37 @@ class Attention(nn.Module):
         if self.normalize_qk:  # per head, over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         if isinstance(cache, list):
-            # Each row attends over its own cache with exactly the shapes it has alone, so a
-            # sequence's result does not depend on what else is in the batch.
-            rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(cache)]
-            out = mx.concatenate(rows, axis=0) if B > 1 else rows[0]
+            out = self._attend_rows(q, k, v, cache)
         else:
             out = self._attend(q, k, v, cache)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
+
+    def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, caches: list) -> mx.array:
+        """Rows of a batch, each over its own cache (the batched engine's sequences)."""
+        if q.shape[2] != 1:  # a prefill of several rows: each row as it would run alone
+            rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(caches)]
+            return mx.concatenate(rows, axis=0)
+        # Decoding one position per row: RoPE at each row's own position, the new key and value
+        # written into each row's cache, then, when the rows' buffers are equal and small, one
+        # attention over them stacked under a per-row mask (fewer, larger ops: 90 of 312 ms of a
+        # 270M step with 8 rows went to attending row by row); masked positions add exact zeros.
+        offsets = mx.concatenate([mx.array([c.offset]) if isinstance(c.offset, int) else c.offset for c in caches])
+        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offsets)
+        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offsets)
+        fetched = [c.update_and_fetch(k[i : i + 1], v[i : i + 1]) for i, c in enumerate(caches)]
+        buffers = {c.keys.shape[2] for c in caches}
+        if len(buffers) == 1 and caches[0].keys[0].nbytes <= STACKED_ATTENTION_MAX_BYTES:
+            keys = mx.concatenate([c.keys for c in caches])
+            values = mx.concatenate([c.values for c in caches])
+            mask = (mx.arange(keys.shape[2])[None] <= offsets[:, None])[:, None, None, :]
+            return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        rows = [
+            mx.fast.scaled_dot_product_attention(q[i : i + 1], ks, vs, scale=self.scale, mask=None)
+            if isinstance(caches[i], KVCache)
+            else mx.fast.scaled_dot_product_attention(q[i : i + 1], ks, vs, scale=self.scale, mask=caches[i].mask(1))
+            for i, (ks, vs) in enumerate(fetched)
+        ]
+        return mx.concatenate(rows, axis=0)
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
         S = q.shape[2]

@@ -54,15 +54,18 @@ def test_numpy_routes_match_reference_prompt_and_decode(name, routes, monkeypatc
     assert sum(shape[0] == 1 for shape in calls) == 8 * per_forward
 
 
-def test_plain_calls_and_few_row_matmuls_stay_in_mlx(routes, monkeypatch):
+def test_plain_calls_stay_in_mlx_and_batched_decoding_rows_take_numpy(routes, monkeypatch):
     routes("numpy")
     calls = count_numpy_calls(monkeypatch)
     config = small_config("tied")
     model = build_model(config, random_weights(config))
     one = mx.array([[5]])
     model(one)  # not inside inference(): differentiable, compilable MLX
-    model.infer(mx.array([[5, 6, 7, 8]]))  # 4 rows: speculative verification sizes stay in MLX
     assert calls == []
+    # 4 rows (a batch of decoding sequences, or speculative verification) take the decoding route.
+    model.infer(mx.array([[5, 6, 7, 8]]))
+    assert calls and all(shape[0] == 4 for shape in calls)
+    calls.clear()
 
     # Gradients through a one-token forward are real (a NumPy route would cut the graph).
     def loss(params):
