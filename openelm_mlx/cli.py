@@ -141,9 +141,56 @@ def _figures(r, verbose: bool) -> str:
     return line
 
 
+def _generate_prompts_file(args: argparse.Namespace) -> int:
+    import json
+
+    from .batch import read_prompts, run_jobs
+
+    jobs = read_prompts(args.prompts_file)  # a bad file fails before the model loads
+    model, tokenizer, draft = _load_for_generation(args)
+    defaults = {
+        "max_tokens": args.max_tokens,
+        "temp": args.temp,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": tuple(args.stop),
+        "system_prompt": args.system_prompt,
+    }
+
+    def write(result: dict) -> None:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    totals = run_jobs(
+        model,
+        tokenizer,
+        jobs,
+        defaults,
+        write,
+        source=args.prompts_file,
+        max_batch=args.max_batch,
+        chat_template=args.chat_template,
+        draft_model=draft,
+        progress=sys.stderr.isatty(),
+    )
+    secs = totals["seconds"]
+    print(
+        f"{totals['prompts']} prompts: {totals['prompt_tokens']} prompt and {totals['generation_tokens']} generated "
+        f"tokens in {secs:.1f} s ({totals['generation_tokens'] / secs if secs > 0 else 0:.1f} generated tokens/s, "
+        f"batches of up to {args.max_batch})",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream_generate
 
+    if args.prompts_file:
+        return _generate_prompts_file(args)
     prompt = _read_prompt(args.prompt)
     model, tokenizer, draft = _load_for_generation(args)
     last = None
@@ -165,6 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             draft_model=draft,
             num_draft_tokens=args.num_draft_tokens,
             prompt_lookup=args.prompt_lookup,
+            stop=args.stop,
         ):
             sys.stdout.write(r.text)
             sys.stdout.flush()
@@ -349,7 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text, streamed to stdout; figures go to stderr")
     _add_sampling_flags(p)
-    p.add_argument("--prompt", required=True, help="the prompt, or - to read it from standard input")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the prompt, or - to read it from standard input")
+    what.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help='many prompts decoded together: one per line, or JSONL with "prompt" and per-prompt options; '
+        "results go to stdout as JSONL",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_positive_int("--max-batch"),
+        default=8,
+        help="with --prompts-file: sequences decoding together (default 8)",
+    )
+    p.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (not output); repeatable"
+    )
     p.add_argument(
         "--chat-template",
         default="auto",
