@@ -47,6 +47,9 @@ from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per round: long enough for the BLAS to run at full speed
 MAX_LOGPROBS = 20
+# Shortest chunk worth prefilling several sequences together; below it the rows' per-row
+# attention and the stacking cost more than the shared matmuls save.
+MIN_BATCHED_PREFILL = 8
 
 
 @dataclass(frozen=True)
@@ -334,6 +337,25 @@ class Engine:
 
     def _prefill_round(self) -> list[Output]:
         budget, out = self.prefill_chunk, []
+        # Several sequences prefilling: equal-length chunks of them go through the model as one
+        # batch (the matmuls read the weights once for all rows; each row attends over its own
+        # cache as it would alone), then what is left is prefilled one sequence at a time.
+        group = [s for s in self.prefilling if s.proposer is None and not s.params.prompt_logprobs]
+        n = min((len(s.pending) for s in group), default=0)
+        n = min(n, budget // max(len(group), 1))
+        if len(group) > 1 and n >= MIN_BATCHED_PREFILL:
+            chunks = []
+            for s in group:
+                chunks.append(s.pending[:n])
+                s.pending = s.pending[n:]
+            budget -= n * len(group)
+            layers = [[s.cache[i] for s in group] for i in range(len(self.model.layers))]
+            logits = self.model.infer(mx.array(chunks), cache=layers, last_only=True)[:, -1]
+            mx.eval(logits)
+            for i, s in enumerate(group):
+                if not s.pending:
+                    self.prefilling.remove(s)
+                    out += self._prefilled(s, logits[i])
         while budget > 0 and self.prefilling:
             s = self.prefilling[0]
             n = min(budget, len(s.pending))
@@ -353,15 +375,18 @@ class Engine:
                 mx.eval(logits)
                 continue
             self.prefilling.pop(0)
-            s.context = mx.array(s.history, dtype=mx.uint32) if _tracks_context(s) else None
-            y, lp = self._sample(s, logits[-1], s.context, s.counts)
-            o = self._emit(s, y.item(), lp)
-            if o is not None:
-                out.append(o)
-            if s.finished is None:
-                s.last, s.fresh, s.last_lp = y, False, None
-                self.running.append(s)
+            out += self._prefilled(s, logits[-1])
         return out
+
+    def _prefilled(self, s: _Sequence, logits: mx.array) -> list[Output]:
+        """The prompt is in the cache: sample and emit the first token; the sequence decodes from the next round."""
+        s.context = mx.array(s.history, dtype=mx.uint32) if _tracks_context(s) else None
+        y, lp = self._sample(s, logits, s.context, s.counts)
+        o = self._emit(s, y.item(), lp)
+        if s.finished is None:
+            s.last, s.fresh, s.last_lp = y, False, None
+            self.running.append(s)
+        return [o] if o is not None else []
 
     def _prompt_logprobs(self, s: _Sequence, chunk: list[int], logits: mx.array) -> None:
         # Position j's logits score the token after it: the next chunk token, or (at a chunk's

@@ -290,3 +290,31 @@ def test_bad_parameters_are_clear_errors():
     with pytest.raises(OpenELMError, match="logit_bias"):
         engine.submit([1, 2], GenParams(logit_bias={10**6: 1.0}))
     assert not engine.has_work()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_prompts_prefilled_together_equal_alone(routes, quantized, monkeypatch):
+    """Several sequences prefilling share one batched forward per round (equal-length chunks),
+    and each still yields exactly what it yields alone."""
+    model = small_model(quantized)
+    rng = np.random.default_rng(4)
+    prompts = [[1] + rng.integers(3, model.config.vocab_size, n - 1).tolist() for n in (12, 30, 30, 75, 140)]
+    params = GenParams(max_tokens=12)
+    alone = [run_alone(model, p, params) for p in prompts]
+    batched_prefills = []
+    real = model.infer
+
+    def spy(tokens, cache=None, last_only=False):
+        if tokens.shape[0] > 1 and tokens.shape[1] > 1:
+            batched_prefills.append(tuple(tokens.shape))
+        return real(tokens, cache, last_only)
+
+    monkeypatch.setattr(model, "infer", spy)
+    engine = Engine(model, max_batch=8, prefill_chunk=128)
+    ids = {engine.submit(p, params): i for i, p in enumerate(prompts)}
+    got = {}
+    while engine.has_work():
+        for o in engine.step():
+            got.setdefault(ids[o.seq_id], []).extend(o.tokens)
+    assert [got[i] for i in range(len(prompts))] == alone
+    assert batched_prefills and batched_prefills[0] == (5, 12)  # 5 rows x the shortest prompt
