@@ -141,6 +141,11 @@ def _figures(r, verbose: bool) -> str:
     return line
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags, by the keyword names generate, chat and the engine take."""
+    return {k: getattr(args, k) for k in ("temp", "top_p", "top_k", "min_p", "repetition_penalty")}
+
+
 def _generate_prompts_file(args: argparse.Namespace) -> int:
     import json
 
@@ -150,11 +155,7 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
     model, tokenizer, draft = _load_for_generation(args)
     defaults = {
         "max_tokens": args.max_tokens,
-        "temp": args.temp,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
+        **_sampling(args),
         "seed": args.seed,
         "stop": tuple(args.stop),
         "system_prompt": args.system_prompt,
@@ -201,11 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             tokenizer,
             prompt,
             max_tokens=args.max_tokens,
-            temp=args.temp,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            min_p=args.min_p,
-            repetition_penalty=args.repetition_penalty,
+            **_sampling(args),
             seed=args.seed,
             system_prompt=args.system_prompt,
             chat_template=args.chat_template,
@@ -233,14 +230,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
     model, tokenizer, _ = _load_for_generation(args)
-    sampling = {
-        "temp": args.temp,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "min_p": args.min_p,
-        "repetition_penalty": args.repetition_penalty,
-    }
-    session = ChatSession(model, tokenizer, args.system_prompt, args.max_tokens, sampling=sampling, seed=args.seed)
+    session = ChatSession(
+        model, tokenizer, args.system_prompt, args.max_tokens, sampling=_sampling(args), seed=args.seed
+    )
     print("openelm-mlx chat: /reset starts over, /quit ends (or Ctrl-D)", file=sys.stderr)
     while True:
         try:

@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -662,17 +661,6 @@ def _lookup_proposer(ids: list[int], k: int, max_ngram: int = 3) -> list[int]:
 
 
 # --- the Python API over the engine ---------------------------------------------------------------
-
-
-@dataclass
-class StreamStats:
-    """Running figures for one sequence, as the CLI prints them."""
-
-    prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generated: int = 0
-    start: float = field(default_factory=time.perf_counter)
-    first: float = 0.0
 
 
 def encode_prompt(model: OpenELM, tokenizer: Tokenizer, prompt: str | list[int], **template) -> list[int]:
