@@ -36,6 +36,7 @@ from openelm_mlx.server.protocol import Limits, ServedModel
 BUNDLED = Path(__file__).resolve().parents[1] / "openelm_mlx" / "bundled" / "openelm-tiny-kjv"
 BASE, INSTRUCT = "openelm-tiny-kjv", "openelm-tiny-kjv-instruct"
 KEY = "test-key-123"
+PROMPT_CACHE_BYTES = 24 * 2**20  # small, so the soak test fills it during its warm-up
 LOGPROB_TOL = 1e-4  # float32 engine vs float64 reference, log-probabilities in nats
 
 
@@ -73,7 +74,7 @@ def models(tmp_path_factory) -> dict[str, ServedModel]:
 @pytest.fixture(scope="module")
 def url(models):
     settings = Settings(limits=Limits(default_max_tokens=64, max_tokens_limit=300), max_concurrency=8, max_queue=32)
-    with running(models, settings) as u:
+    with running(models, settings, prompt_cache_bytes=PROMPT_CACHE_BYTES) as u:
         yield u
 
 
@@ -407,6 +408,44 @@ def test_fuzzed_bodies_get_4xx_or_an_answer(limited_url, body, path):
     if r.status_code >= 400:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{limited_url}/health").status_code == 200
+
+
+def _rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_soak_nothing_lost_and_memory_flat(url):
+    """8 clients, 320 requests (chat and completions, streamed and not): every one gets a complete
+    answer, and after a warm-up (which fills the prefix cache to its bound) the server's process
+    grows by less than RSS_MARGIN_MB."""
+    words = "In the beginning God created the heaven and the earth And the earth was without form".split()
+    clients = [client(url) for _ in range(8)]
+
+    def one(i: int) -> bool:
+        c, prompt = clients[i % 8], " ".join(words[i % 7 : i % 7 + 2 + i % 5])
+        kind, stream = i % 2, (i // 2) % 2 == 1
+        if kind == 0:
+            args = {"model": BASE, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+            if not stream:
+                return c.completions.create(**args).choices[0].finish_reason == "length"
+            return [ch.choices[0].finish_reason for ch in c.completions.create(**args, stream=True)][-1] == "length"
+        args = {"model": INSTRUCT, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+        if not stream:
+            return c.chat.completions.create(**args).choices[0].finish_reason in ("length", "stop")
+        finishes = [ch.choices[0].finish_reason for ch in c.chat.completions.create(**args, stream=True)]
+        return finishes[-1] in ("length", "stop")
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(one, range(80)))
+        rss = _rss_mb()
+        assert all(pool.map(one, range(80, 320)))
+    grown = _rss_mb() - rss
+    assert grown < RSS_MARGIN_MB, f"RSS grew {grown:.1f} MiB over 240 requests"
+    assert metric(url, "running_sequences") == 0 and metric(url, "queue_depth") == 0
+
+
+RSS_MARGIN_MB = 24
 
 
 # --- the command line ---------------------------------------------------------------------------
