@@ -131,10 +131,12 @@ class Worker:
             error = APIError(503, "the engine failed on this request; retry", kind="server_error", code="engine_error")
             for key in [k for k in self.routes if k[0] == name]:
                 r = self.routes.pop(key)
-                r.loop.call_soon_threadsafe(r.queue.put_nowait, error)
+                r.loop.call_soon_threadsafe(_put_all, [(r.queue, error)])
             self.engines[name] = self.factories[name]()
             return
         m = self.metrics
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        finished = False
         for o in outputs:
             r = self.routes.get((name, o.seq_id))
             if r is None:
@@ -147,19 +149,24 @@ class Worker:
                     m.add("prefix_cache_hits_total")
             m.add("generation_tokens_total", len(o.tokens))
             if o.finish_reason:
+                finished = True
                 del self.routes[(name, o.seq_id)]
                 m.add("sequences_cancelled_total" if o.finish_reason == "cancelled" else "sequences_finished_total")
-            r.loop.call_soon_threadsafe(_put, r.queue, o)
+            batches.setdefault(r.loop, []).append((r.queue, o))
+        for loop, items in batches.items():  # one wake-up of the event loop per step, not per sequence
+            loop.call_soon_threadsafe(_put_all, items)
+        if finished:
+            self.metrics.set("prefix_cache_bytes", sum(e.prefix_cache.nbytes for e in self.engines.values()))
 
     def _gauges(self) -> None:
         engines = list(self.engines.values())
         self.metrics.set("queue_depth", sum(len(e.waiting) for e in engines))
         self.metrics.set("running_sequences", sum(len(e.prefilling) + len(e.running) for e in engines))
-        self.metrics.set("prefix_cache_bytes", sum(e.prefix_cache.nbytes for e in engines))
 
 
-def _put(q: asyncio.Queue, item: Output | APIError) -> None:
-    q.put_nowait(item)
+def _put_all(items: list[tuple[asyncio.Queue, Output]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _settle(done: asyncio.Future, seq_id: int | None, error: Exception | None, undo: Callable | None) -> None:
