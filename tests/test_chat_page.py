@@ -194,7 +194,7 @@ def test_server_errors_are_shown(page):
     assert bubbles(page, "assistant") == []  # no empty reply left behind
 
 
-def test_no_ui_and_api_key(served):
+def test_no_ui_and_api_key(browser):
     model, tok = load(BUNDLED)
     models = {"m": ServedModel("m", model, tok)}
     for settings, status in ((Settings(ui=False), 404), (Settings(api_key="k"), 200)):
@@ -210,6 +210,11 @@ def test_no_ui_and_api_key(served):
             if status == 200:  # the page loads without the key; the API behind it needs it
                 assert "<title>openelm-mlx chat</title>" in r.text
                 assert httpx.get(url + "/v1/models").status_code == 401
+                browser.get(url + "/")
+                assert "API key" in wait(lambda: browser.find_element(By.ID, "error").text)
+                assert browser.find_element(By.ID, "api-key").is_displayed()
+                set_value(browser, "api-key", "k")
+                wait(lambda: browser.find_element(By.CSS_SELECTOR, "#model option").text == "m")
         finally:
             server.stop()
             thread.join(30)
