@@ -202,6 +202,17 @@ def test_echo_logprobs_equal_the_float64_reference(url, models):
     np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[1:], want, atol=LOGPROB_TOL, rtol=0)
 
 
+def test_tokenizer_endpoints_lm_eval_uses(url, models):
+    """lm-eval's remote tokenizer: /tokenizer_info with an eos_token, /tokenize, /detokenize."""
+    tok = models[BASE].tokenizer
+    info = httpx.get(f"{url}/tokenizer_info").json()
+    assert info["eos_token"] == "</s>"
+    r = httpx.post(f"{url}/tokenize", json={"prompt": "And God said</s>", "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode("And God said", add_bos=False) + [tok.eos_id]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": r["tokens"][:-1]}).json() == {"prompt": "And God said"}
+    assert_error(httpx.post(f"{url}/detokenize", json={"tokens": [-1]}), 400, "tokens")
+
+
 def test_chat_logprobs(url):
     r = client(url).chat.completions.create(
         model=INSTRUCT,

@@ -41,6 +41,7 @@ from .protocol import (
     completion_response,
     parse_chat,
     parse_completion,
+    select_model,
     usage,
     usage_chunk,
 )
@@ -240,9 +241,9 @@ class Server:
     # vLLM's tokenizer endpoints, which lm-eval's local-completions uses when it finds them
     # (then it needs no Hugging Face tokenizer of its own).
     def _model_of(self, body: dict) -> ServedModel:
-        from .protocol import _select_model
-
-        return _select_model(body, self.models)
+        if body.get("model") is None:  # lm-eval names none; OpenELM models share one tokenizer
+            return next(iter(self.models.values()))
+        return select_model(body, self.models)
 
     async def tokenizer_info(self, request: HTTPRequest) -> Response:
         served = self._model_of(dict(request.query_params))

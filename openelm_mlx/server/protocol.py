@@ -121,7 +121,7 @@ def _flag(body: dict, name: str, default: bool = False) -> bool:
     return v
 
 
-def _select_model(body: dict, models: dict[str, ServedModel]) -> ServedModel:
+def select_model(body: dict, models: dict[str, ServedModel]) -> ServedModel:
     name = body.get("model")
     if name is None and len(models) == 1:
         return next(iter(models.values()))
@@ -266,7 +266,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 
 def parse_chat(body: dict, models: dict[str, ServedModel], limits: Limits) -> Request:
-    served = _select_model(body, models)
+    served = select_model(body, models)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "expected a non-empty list of messages")
@@ -314,7 +314,7 @@ def _prompts(body: dict, served: ServedModel) -> list[list[int]]:
 
 
 def parse_completion(body: dict, models: dict[str, ServedModel], limits: Limits, max_prompts: int) -> Request:
-    served = _select_model(body, models)
+    served = select_model(body, models)
     if body.get("suffix") is not None:
         raise _bad("suffix", "not supported")
     prompts = _prompts(body, served)
