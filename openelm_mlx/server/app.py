@@ -142,18 +142,25 @@ class Server:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        while running:
-            try:
-                o = await asyncio.wait_for(out.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
+        getter: asyncio.Task | None = None
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while running:
+                # One get() waits until an output or the client's disconnect, whichever is first.
+                getter = getter or asyncio.ensure_future(out.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
                     return Response(status_code=499)  # nobody reads it; the cleanup cancels the rest
-                continue
-            if isinstance(o, APIError):
-                raise o
-            choices[index[o.seq_id]].add(o, req.echo_only)
-            if o.finish_reason:
-                running.discard(o.seq_id)
+                o, getter = getter.result(), None
+                if isinstance(o, APIError):
+                    raise o
+                choices[index[o.seq_id]].add(o, req.echo_only)
+                if o.finish_reason:
+                    running.discard(o.seq_id)
+        finally:
+            gone.cancel()
+            if getter is not None:
+                getter.cancel()
         record.usage = usage(choices)
         body = chat_response(req, choices[0]) if req.kind == "chat" else completion_response(req, choices)
         return JSONResponse(body)
@@ -266,7 +273,12 @@ class Server:
         special = body.get("add_special_tokens", True)
         if not isinstance(special, bool):
             raise APIError(400, "add_special_tokens: expected true or false", param="add_special_tokens")
-        tokens = served.tokenizer.encode(text, add_bos=special)
+        tok = served.tokenizer
+        if text in (tok.sp.id_to_piece(tok.bos_id), tok.sp.id_to_piece(tok.eos_id)):
+            # lm-eval finds the special ids as encode(bos_token)[0] and encode(eos_token)[0].
+            tokens = [tok.sp.piece_to_id(text)]
+        else:
+            tokens = tok.encode(text, add_bos=special)
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": served.context})
 
     async def detokenize(self, request: HTTPRequest) -> Response:
@@ -289,6 +301,12 @@ class Server:
 
 def _code(message: str) -> str | None:
     return "context_length_exceeded" if "context" in message else None
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Returns when the client has gone (the body is read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_json(request: HTTPRequest) -> dict:
