@@ -409,9 +409,13 @@ def test_metrics_count_requests_and_tokens(url):
     assert after[0] - before[0] == 3 and after[1] - before[1] >= 2  # the completion and a /metrics
 
 
+def _nested(inner):
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    _nested,
     max_leaves=12,
 )
 _fields = st.sampled_from(
@@ -478,7 +482,8 @@ def test_adapter_path_is_refused_clearly(capsys):
     assert err == "openelm-mlx serve: error: --adapter-path: adapters are not supported yet"
 
 
-def test_sigterm_ends_streams_and_exits_0():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_streams_and_exits_0(sig):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "openelm_mlx.cli", "serve", "--port", "0", "--shutdown-timeout", "0.5"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -492,7 +497,7 @@ def test_sigterm_ends_streams_and_exits_0():
         stream = c.completions.create(model=BASE, prompt="And God said", max_tokens=400, temperature=0, stream=True)
         first = next(iter(stream))
         assert first.choices[0].text is not None
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rest = list(stream)  # the stream ends cleanly: a finish reason, then [DONE]
         assert rest and rest[-1].choices[0].finish_reason in ("length", "stop")
         assert proc.wait(30) == 0
