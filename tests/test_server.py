@@ -476,10 +476,19 @@ RSS_MARGIN_MB = 24
 # --- the command line ---------------------------------------------------------------------------
 
 
-def test_adapter_path_is_refused_clearly(capsys):
+def test_bad_flags_are_one_line_errors(capsys, tmp_path):
     assert main(["serve", "--adapter-path", "adapters"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "openelm-mlx serve: error: --adapter-path: adapters are not supported yet"
+    for argv, words in (
+        (["--model", str(tmp_path / "nothing")], "no such model directory"),
+        (["--port", "70000"], "--port 70000"),
+        (["--max-concurrency", "0"], "--max-concurrency 0"),
+        (["--model", str(BUNDLED), "--model", str(BUNDLED)], "both be called"),
+    ):
+        assert main(["serve", *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("openelm-mlx serve: error: ") and words in err and "\n" not in err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
