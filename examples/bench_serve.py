@@ -85,6 +85,7 @@ async def run(port: int, concurrency: int, per_client: int, max_tokens: int) -> 
     ttfts = sorted(t for t, _ in results)
     return {
         "tok_s": sum(n for _, n in results) / wall,
+        "tokens_per_request": sum(n for _, n in results) / len(results),  # EOS can end one early
         "ttft_median": statistics.median(ttfts),
         "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
     }
