@@ -450,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    from .server.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 

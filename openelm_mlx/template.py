@@ -26,3 +26,16 @@ def format_prompt(prompt: str, instruct: bool, system_prompt: str | None = None,
             "--system-prompt needs the Instruct template (an Instruct model or --chat-template instruct)"
         )
     return prompt
+
+
+def format_messages(turns: list[tuple[str, str]], instruct: bool) -> str:
+    """A whole conversation (``(role, text)`` with roles system, user, assistant), ready for the
+    reply.  Instruct models: the template above, each turn closed by EOS (so a resent
+    conversation tokenizes as the chat CLI's kept history does).  Base models have no template:
+    they get a plain transcript, ``System text\\n\\nUser: ...\\nAssistant: ...\\nAssistant:``."""
+    if instruct:
+        marker = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+        return "".join(f"{marker[role]}\n{text}</s>\n" for role, text in turns) + "<|assistant|>\n"
+    label = {"user": "User: ", "assistant": "Assistant: "}
+    parts = [f"{text}\n\n" if role == "system" else f"{label[role]}{text}\n" for role, text in turns]
+    return "".join(parts) + "Assistant:"

@@ -1,0 +1,128 @@
+"""Aggregate decode tok/s and time to first token of `openelm-mlx serve` against `mlx_lm.server`
+on the same converted weights, same prompts, same run, at several client concurrencies.
+
+    python examples/bench_serve.py --model DIR [--concurrency 1 4 8 16] [--repeats 3]
+
+Each client sends streamed /v1/completions requests one after another (greedy, `max_tokens`
+each); aggregate decode tok/s is all generated tokens (from `usage`) over the wall time of the
+run, time to first token is per request.  The two servers run one after the other, alternating
+per repeat; the figures are medians over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+WORDS = "In the beginning God created the heaven and the earth And the earth was without form and void".split()
+
+
+def prompts(n: int) -> list[str]:
+    return [" ".join(WORDS[i % 5 : i % 5 + 4 + i % 9]) for i in range(n)]
+
+
+def start(kind: str, model: str, port: int, concurrency: int) -> subprocess.Popen:
+    if kind == "openelm-mlx":
+        cmd = [sys.executable, "-m", "openelm_mlx.cli", "serve", "--model", model, "--port", str(port)]
+        cmd += ["--max-concurrency", str(max(concurrency, 1)), "--log-level", "warning"]
+    else:
+        cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port), "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit(f"{kind} did not start")
+
+
+async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    body = {  # no "model": each server answers with the one it was started with
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url, json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event.get("choices") and event["choices"][0].get("text"):
+                ttft = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return ttft or time.perf_counter() - t0, tokens
+
+
+async def run(port: int, concurrency: int, per_client: int, max_tokens: int) -> dict:
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    texts = prompts(concurrency * per_client)
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one(client, url, texts[0], 4)  # warm-up
+
+        async def worker(k: int) -> list[tuple[float, int]]:
+            return [await one(client, url, texts[k * per_client + i], max_tokens) for i in range(per_client)]
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(k) for k in range(concurrency))) for r in rs]
+        wall = time.perf_counter() - t0
+    ttfts = sorted(t for t, _ in results)
+    return {
+        "tok_s": sum(n for _, n in results) / wall,
+        "tokens_per_request": sum(n for _, n in results) / len(results),  # EOS can end one early
+        "ttft_median": statistics.median(ttfts),
+        "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a converted model directory (both servers load it)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--port", type=int, default=8391)
+    args = p.parse_args()
+    rows = []
+    for c in args.concurrency:
+        figures: dict[str, list[dict]] = {"openelm-mlx": [], "mlx_lm": []}
+        for rep in range(args.repeats):
+            for kind in ("openelm-mlx", "mlx_lm") if rep % 2 == 0 else ("mlx_lm", "openelm-mlx"):
+                proc = start(kind, args.model, args.port, c)
+                try:
+                    figures[kind].append(asyncio.run(run(args.port, c, args.requests_per_client, args.max_tokens)))
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
+                print(f"clients {c} repeat {rep + 1} {kind}: {figures[kind][-1]}", file=sys.stderr, flush=True)
+        med = {k: {f: statistics.median(r[f] for r in v) for f in v[0]} for k, v in figures.items()}
+        rows.append((c, med))
+    print("| clients | openelm-mlx tok/s | mlx_lm tok/s | ratio | TTFT median, ours / mlx_lm (s) | TTFT p95 (s) |")
+    print("|---|---|---|---|---|---|")
+    for c, med in rows:
+        a, b = med["openelm-mlx"], med["mlx_lm"]
+        print(
+            f"| {c} | {a['tok_s']:.0f} | {b['tok_s']:.0f} | {a['tok_s'] / b['tok_s']:.2f}x | "
+            f"{a['ttft_median']:.3f} / {b['ttft_median']:.3f} | {a['ttft_p95']:.3f} / {b['ttft_p95']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,435 @@
+"""The Starlette application: routes, authentication, admission limits, streaming, logging.
+
+Requests are parsed (protocol.py), admitted if the server has room (``max_concurrency``
+running plus ``max_queue`` waiting, else 429), handed to the engine thread (worker.py), and
+answered from its outputs, whole or as server-sent events.  Whatever happens to a request, an
+outer ASGI layer logs one line for it, counts it, and cancels its sequences if the client left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import OpenELMError
+from .metrics import Metrics
+from .protocol import (
+    APIError,
+    Choice,
+    Limits,
+    Request,
+    ServedModel,
+    chat_chunk,
+    chat_logprobs,
+    chat_response,
+    completion_chunk,
+    completion_logprobs,
+    completion_response,
+    parse_chat,
+    parse_completion,
+    select_model,
+    usage,
+    usage_chunk,
+)
+from .worker import Worker
+
+log = logging.getLogger("openelm_mlx.server")
+
+MAX_BODY_BYTES = 8 * 2**20
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = ("/health", "/", "/favicon.ico")  # no key needed: the page asks for it itself
+
+
+@dataclass
+class Settings:
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    max_concurrency: int = 8
+    max_queue: int = 64
+    ui: bool = True
+
+
+@dataclass
+class _Record:
+    """What the log line and the cleanup of one HTTP request need."""
+
+    usage: dict | None = None
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+
+
+class Server:
+    """The state behind the routes: served models, the engine thread, limits, metrics."""
+
+    def __init__(self, models: dict[str, ServedModel], worker: Worker, metrics: Metrics, settings: Settings):
+        self.models, self.worker, self.metrics, self.settings = models, worker, metrics, settings
+        self.inflight = 0  # sequences admitted and not yet answered (touched only on the event loop)
+
+    # --- admission --------------------------------------------------------------------------
+
+    def admit(self, n: int, record: _Record) -> None:
+        s = self.settings
+        if self.inflight + n > s.max_concurrency + s.max_queue:
+            self.metrics.add("rejected_overloaded_total")
+            raise APIError(
+                429,
+                f"the server is busy ({self.inflight} sequences running or queued, limit "
+                f"{s.max_concurrency} running + {s.max_queue} queued); retry later",
+                kind="server_overloaded",
+                code="queue_full",
+            )
+        self.inflight += n
+
+        def release() -> None:
+            self.inflight -= n
+
+        record.cleanups.append(release)
+
+    async def start(self, req: Request, record: _Record) -> tuple[asyncio.Queue, dict[int, int], set[int]]:
+        """Admit and submit every prompt of ``req``: the shared output queue, seq id -> prompt
+        index, and the set of unfinished seq ids (emptied as they finish)."""
+        self.admit(len(req.prompts), record)
+        out: asyncio.Queue = asyncio.Queue()
+        index: dict[int, int] = {}
+        running: set[int] = set()
+
+        def cancel_unfinished() -> None:
+            for seq_id in running:
+                self.worker.cancel(req.served.name, seq_id)
+
+        record.cleanups.append(cancel_unfinished)
+        for i, prompt in enumerate(req.prompts):
+            try:
+                seq_id = await self.worker.submit(req.served.name, prompt, req.params, out)
+            except OpenELMError as e:
+                raise APIError(400, str(e), code=_code(str(e))) from None
+            index[seq_id] = i
+            running.add(seq_id)
+        return out, index, running
+
+    # --- routes -----------------------------------------------------------------------------
+
+    async def chat(self, request: HTTPRequest) -> Response:
+        req = parse_chat(await _read_json(request), self.models, self.settings.limits)
+        return await self._answer(request, req)
+
+    async def completions(self, request: HTTPRequest) -> Response:
+        body = await _read_json(request)
+        req = parse_completion(body, self.models, self.settings.limits, self.settings.max_concurrency)
+        return await self._answer(request, req)
+
+    async def _answer(self, request: HTTPRequest, req: Request) -> Response:
+        record: _Record = request.scope["openelm.record"]
+        out, index, running = await self.start(req, record)
+        choices = [Choice() for _ in req.prompts]
+        if req.stream:
+            events = self._chat_events if req.kind == "chat" else self._completion_events
+            return StreamingResponse(
+                _sse(events(req, out, index, choices, running, record)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        getter: asyncio.Task | None = None
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while running:
+                # One get() waits until an output or the client's disconnect, whichever is first.
+                getter = getter or asyncio.ensure_future(out.get())
+                await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    return Response(status_code=499)  # nobody reads it; the cleanup cancels the rest
+                o, getter = getter.result(), None
+                if isinstance(o, APIError):
+                    raise o
+                choices[index[o.seq_id]].add(o, req.echo_only)
+                if o.finish_reason:
+                    running.discard(o.seq_id)
+        finally:
+            gone.cancel()
+            if getter is not None:
+                getter.cancel()
+        record.usage = usage(choices)
+        body = chat_response(req, choices[0]) if req.kind == "chat" else completion_response(req, choices)
+        return JSONResponse(body)
+
+    async def _outputs(self, out: asyncio.Queue, running: set[int]) -> AsyncIterator[Any]:
+        while running:
+            o = await out.get()
+            if isinstance(o, APIError):
+                yield o
+                return
+            if o.finish_reason:
+                running.discard(o.seq_id)
+            yield o
+
+    async def _chat_events(self, req, out, index, choices, running, record) -> AsyncIterator[dict]:
+        c = choices[0]
+        yield chat_chunk(req, {"role": "assistant", "content": ""})
+        since = 0  # tokens whose log-probabilities are not yet sent
+        async for o in self._outputs(out, running):
+            if isinstance(o, APIError):
+                yield o.body()
+                return
+            c.add(o)
+            if o.text or c.finish_reason:
+                lp = None
+                if req.logprobs is not None:
+                    tok = req.served.tokenizer
+                    lp = chat_logprobs(tok, c.tokens[since:], c.logprobs[since:], c.top[since:])
+                    since = len(c.tokens)
+                yield chat_chunk(req, {"content": o.text} if o.text else {}, c.finish_reason, lp)
+        record.usage = usage(choices)
+        if req.include_usage:
+            yield usage_chunk(req, choices)
+
+    async def _completion_events(self, req, out, index, choices, running, record) -> AsyncIterator[dict]:
+        tok = req.served.tokenizer
+        sent = [0] * len(choices)  # tokens (prompt included, with echo) already sent per choice
+        if req.echo:  # the prompt first, as OpenAI does
+            for i, prompt in enumerate(req.prompts):
+                if req.logprobs is None:
+                    yield completion_chunk(req, i, tok.decode(prompt), None, None)
+        async for o in self._outputs(out, running):
+            if isinstance(o, APIError):
+                yield o.body()
+                return
+            i = index[o.seq_id]
+            c = choices[i]
+            first = c.prompt_tokens == 0
+            c.add(o, req.echo_only)
+            text = o.text if not req.echo_only else ""
+            if req.echo and req.logprobs is not None and first:
+                text = tok.decode(req.prompts[i]) + text
+            if text or c.finish_reason:
+                lp = None
+                if req.logprobs is not None:
+                    full = completion_logprobs(tok, req, req.prompts[i], c)
+                    lp = {k: v[sent[i] :] for k, v in full.items()}
+                    sent[i] = len(full["tokens"])
+                yield completion_chunk(req, i, text, c.finish_reason, lp)
+        record.usage = usage(choices)
+        if req.include_usage:
+            yield usage_chunk(req, choices)
+
+    async def models_list(self, request: HTTPRequest) -> Response:
+        created = int(time.time())
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "openelm-mlx",
+                "context_length": m.context,
+                "instruct": m.instruct,
+            }
+            for name, m in self.models.items()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: HTTPRequest) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self, request: HTTPRequest) -> Response:
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # vLLM's tokenizer endpoints, which lm-eval's local-completions uses when it finds them
+    # (then it needs no Hugging Face tokenizer of its own).
+    def _model_of(self, body: dict) -> ServedModel:
+        if body.get("model") is None:  # lm-eval names none; OpenELM models share one tokenizer
+            return next(iter(self.models.values()))
+        return select_model(body, self.models)
+
+    async def tokenizer_info(self, request: HTTPRequest) -> Response:
+        served = self._model_of(dict(request.query_params))
+        tok = served.tokenizer
+        return JSONResponse(
+            {
+                "eos_token": tok.sp.id_to_piece(tok.eos_id),
+                "bos_token": tok.sp.id_to_piece(tok.bos_id),
+                "pad_token": None,
+                "model_max_length": served.context,
+            }
+        )
+
+    async def tokenize(self, request: HTTPRequest) -> Response:
+        body = await _read_json(request)
+        served = self._model_of(body)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise APIError(400, "prompt: expected a string", param="prompt")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise APIError(400, "add_special_tokens: expected true or false", param="add_special_tokens")
+        tok = served.tokenizer
+        if text in (tok.sp.id_to_piece(tok.bos_id), tok.sp.id_to_piece(tok.eos_id)):
+            # lm-eval finds the special ids as encode(bos_token)[0] and encode(eos_token)[0].
+            tokens = [tok.sp.piece_to_id(text)]
+        else:
+            tokens = tok.encode(text, add_bos=special)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": served.context})
+
+    async def detokenize(self, request: HTTPRequest) -> Response:
+        body = await _read_json(request)
+        served = self._model_of(body)
+        tokens = body.get("tokens")
+        vocab = served.model.config.vocab_size
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+        ):
+            raise APIError(400, f"tokens: expected a list of token ids in 0..{vocab - 1}", param="tokens")
+        return JSONResponse({"prompt": served.tokenizer.decode(tokens)})
+
+    async def page(self, request: HTTPRequest) -> Response:
+        index = STATIC / "index.html"
+        if not self.settings.ui or not index.is_file():
+            raise APIError(404, "no chat page here (the server runs with --no-ui)", code="not_found")
+        return FileResponse(index, media_type="text/html; charset=utf-8")
+
+
+def _code(message: str) -> str | None:
+    return "context_length_exceeded" if "context" in message else None
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Returns when the client has gone (the body is read, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _read_json(request: HTTPRequest) -> dict:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async for event in events:
+        yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def _on_api_error(request: HTTPRequest, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return _error_response(exc)
+
+
+async def _on_http_error(request: HTTPRequest, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code))
+
+
+async def _on_engine_error(request: HTTPRequest, exc: Exception) -> Response:
+    return _error_response(APIError(400, str(exc), code=_code(str(exc))))
+
+
+class _Outer:
+    """ASGI layer around the app: API key check, one log line and one count per request, and
+    the request's cleanups (free its admission, cancel its sequences) however it ended."""
+
+    def __init__(self, app: Any, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = _Record()
+        scope["openelm.record"] = record
+        status = [0]
+        t0 = time.perf_counter()
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            key = self.server.settings.api_key
+            if key is not None and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
+                error = APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
+                await _error_response(error)(scope, receive, watch)
+            else:
+                await self.app(scope, receive, watch)
+        finally:
+            for cleanup in record.cleanups:
+                cleanup()
+            self._log(scope, status[0] or 499, record, time.perf_counter() - t0)
+
+    def _log(self, scope: dict, status: int, record: _Record, seconds: float) -> None:
+        method, path = scope["method"], scope["path"]
+        self.server.metrics.request(method, path, status)
+        u = record.usage
+        tokens = ""
+        if u is not None:
+            cached = u["prompt_tokens_details"]["cached_tokens"]
+            tokens = f" prompt={u['prompt_tokens']} cached={cached} completion={u['completion_tokens']}"
+        log.info("%s %s %d%s %.3fs", method, path[:200], status, tokens, seconds)
+
+
+def _authorized(scope: dict, key: str) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return False
+
+
+def create_app(models: dict[str, ServedModel], worker: Worker, metrics: Metrics, settings: Settings) -> Any:
+    server = Server(models, worker, metrics, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    routes = [
+        Route("/v1/chat/completions", server.chat, methods=["POST"]),
+        Route("/chat/completions", server.chat, methods=["POST"]),  # mlx_lm.server's alias
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/models", server.models_list, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics_text, methods=["GET"]),
+        Route("/tokenizer_info", server.tokenizer_info, methods=["GET"]),
+        Route("/tokenize", server.tokenize, methods=["POST"]),
+        Route("/detokenize", server.detokenize, methods=["POST"]),
+        Route("/", server.page, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={APIError: _on_api_error, HTTPException: _on_http_error, OpenELMError: _on_engine_error},
+    )
+    outer = _Outer(app, server)
+    outer.server_state = server  # for tests and the CLI
+    return outer
