@@ -223,14 +223,12 @@ def make_batch(
     return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask)
 
 
-def iterate(
-    ds: Dataset, batch_size: int, max_seq_length: int, seed: int, start: int = 0, rank: int = 0, world: int = 1
-) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
-    """Endless shuffled batches from draw ``start`` on (draws, not epochs, so resuming is exact)."""
-    if batch_size % world:
-        raise OpenELMError(f"--batch-size {batch_size} must be a multiple of the {world} processes")
-    groups = length_batches(ds, batch_size)
+def iterate(ds: Dataset, group_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
+    """Endless shuffled groups of ``group_size`` similar-length example indices, from draw
+    ``start`` on (draws, not epochs, so resuming is exact).  A group is one optimizer step's
+    global batch; ``make_batch`` cuts it into micro-batches and process shares."""
+    groups = length_batches(ds, group_size)
     index = start
     while True:
-        yield make_batch(ds, groups[batch_order(len(groups), seed, index)], max_seq_length, rank, world)
+        yield groups[batch_order(len(groups), seed, index)]
         index += 1

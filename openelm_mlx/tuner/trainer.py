@@ -243,7 +243,11 @@ def train(
         return loss, tokens, None, None
 
     micro = cfg.grad_accumulation_steps
-    batches = datasets.iterate(data["train"], cfg.batch_size, cfg.max_seq_length, cfg.seed, start * micro, rank, world)
+    if cfg.batch_size % world:
+        raise OpenELMError(f"--batch-size {cfg.batch_size} must be a multiple of the {world} processes")
+    # One draw per update: batch_size x micro similar-length rows; micro-batch k takes rows k::micro
+    # and this process its share of those, so accumulation and processes split one global batch.
+    groups = datasets.iterate(data["train"], cfg.batch_size * micro, cfg.seed, start)
     result = TrainResult(step=start)
     valid = data.get("valid")
 
@@ -273,9 +277,12 @@ def train(
         for it in range(start + 1, cfg.iters + 1):
             tic = time.perf_counter()
             acc: tuple = (None, None)
+            rows = next(groups)
             for k in range(micro):
                 mx.random.seed(cfg.seed * 1_000_003 + (it - 1) * micro + k)  # dropout: a function of the draw
-                inputs, targets, mask = next(batches)
+                inputs, targets, mask = datasets.make_batch(
+                    data["train"], rows[k::micro], cfg.max_seq_length, rank, world
+                )
                 loss, tokens, *acc = step(inputs, targets, mask, *acc, k == micro - 1)
                 if k == micro - 1:  # the update is in the graph now: saving from here on saves it
                     result.step = it
