@@ -251,17 +251,19 @@ def test_fuse_a_4bit_base_requantized_dequantized_and_with_q(work, tuned_4bit):
     lora.attach(adapted, out)
     ref = _logits(adapted)
     scale = np.abs(ref).max()
+    # Quantizing the fused weights again costs about what quantizing the base did in the first place.
+    quant_err = np.abs(_logits(load_model(BUNDLED)) - _logits(load_model(base_dir))).max()
     for name, flags, tol in (
-        ("deq", ["--dequantize"], 1e-5),
-        ("requant", [], 0.15),
-        ("q8", ["-q", "--q-bits", "8"], 0.15),
+        ("deq", ["--dequantize"], 1e-5 * scale),
+        ("requant", [], 2 * quant_err),
+        ("q8", ["-q", "--q-bits", "8"], 0.25 * quant_err),
     ):
         dst = work / f"fused-4bit-{name}"
         rc, log = run_cli("fuse", "--model", str(base_dir), "--adapter-path", str(out), "--mlx-path", str(dst), *flags)
         assert rc == 0, log
         cfg = json.loads((dst / "config.json").read_text())
         assert ("quantization" in cfg) == (name != "deq")
-        assert np.abs(_logits(load(dst)[0]) - ref).max() <= tol * scale, name
+        assert np.abs(_logits(load(dst)[0]) - ref).max() <= tol, name
         assert np.abs(_logits(mlx_lm.load(str(dst))[0]) - _logits(load(dst)[0])).max() <= 1e-4 * scale
 
 
@@ -275,7 +277,7 @@ def test_fuse_random_adapters_on_every_target(tmp_path, kind):
         if isinstance(module, lora.ADAPTER_LAYERS):  # trained-looking adapters: both factors non-zero
             for key in ("lora_a", "lora_b"):
                 module[key] = mx.array(rng.standard_normal(module[key].shape).astype(np.float32) * 0.05)
-            if kind == "dora":
+            if isinstance(module, lora.DoRALinear):
                 module.m = module.m * mx.array(rng.uniform(0.8, 1.2, module.m.shape).astype(np.float32))
     model.eval()
     ref = _logits(model)
