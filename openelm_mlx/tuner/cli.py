@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lora", help="fine-tune with LoRA, DoRA or fully (QLoRA on a quantized model)")
-    p.add_argument("--model", help="base model: a converted directory or anything convert reads")
+    p.add_argument("--model", help="base model: a converted directory or anything convert reads (default: the bundled one)")
     p.add_argument("--data", help="folder with train/valid[/test].jsonl, or a UTF-8 text file (.txt or .xz)")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
     p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="lora (default), dora or full")
@@ -122,8 +122,13 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Command line, then the YAML file, then the defaults."""
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command", "config")}
     opts = {**DEFAULTS, **(read_yaml(args.config) if args.config else {}), **given}
-    if opts["model"] is None or opts["data"] is None:
-        raise OpenELMError("--model and --data are required (on the command line or in -c)")
+    if opts["data"] is None:
+        raise OpenELMError("--data is required (on the command line or in -c)")
+    if opts["model"] is None:
+        from ..cli import BUNDLED_MODEL
+
+        print(f"no --model given: fine-tuning the bundled OpenELM-tiny-KJV ({BUNDLED_MODEL})", file=sys.stderr)
+        opts["model"] = str(BUNDLED_MODEL)
     if isinstance(opts["targets"], str):
         opts["targets"] = opts["targets"].split(",")
     return opts
