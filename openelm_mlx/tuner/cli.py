@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("lora", help="fine-tune with LoRA, DoRA or fully (QLoRA on a quantized model)")
-    p.add_argument("--model", help="base model: a converted directory or anything convert reads (default: the bundled one)")
+    p.add_argument("--model", help="base model: a converted directory or anything convert reads (default: bundled)")
     p.add_argument("--data", help="folder with train/valid[/test].jsonl, or a UTF-8 text file (.txt or .xz)")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
     p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="lora (default), dora or full")
