@@ -461,3 +461,24 @@ def test_grad_accumulation_equals_the_whole_batch(tmp_path):
     )  # fmt: skip
     assert rc == 0, log
     assert_same_adapters(tmp_path / "a", tmp_path / "b", atol=2e-5, rtol=1e-3)  # one global batch, as 2 x 4 rows
+
+
+def test_ctrl_c_saves_the_last_adapters(tmp_path):
+    import signal
+
+    out = tmp_path / "a"
+    cmd = [sys.executable, "-m", "openelm_mlx.cli", "lora", "--model", str(BUNDLED), *SHORT]
+    cmd += ["--iters", "100000", "--adapter-path", str(out)]  # the last --iters wins
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("iter 2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "saved adapters of iteration" in rest and "interrupted" in rest
+    _, meta = mx.load(str(out / "adapters.safetensors"), return_metadata=True)
+    assert int(meta["step"]) >= 2
+    assert (out / "adapters_state.safetensors").is_file()  # so it can be resumed
