@@ -101,12 +101,11 @@ def mlx_lm_worker(model: str, data: str, out: str, a: argparse.Namespace) -> Non
     """mlx_lm.lora's own run(), with a callback that records its report (its CLI prints no peak memory)."""
     import types
 
+    import numpy as np
     from mlx_lm import lora as mlx_lora
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.utils import load
-
-    import numpy as np
 
     np.random.seed(0)  # as mlx_lm.lora's run() does: its batch order
     reports = []

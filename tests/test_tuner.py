@@ -267,11 +267,11 @@ def test_fuse_a_4bit_base_requantized_dequantized_and_with_q(work, tuned_4bit):
         assert np.abs(_logits(mlx_lm.load(str(dst))[0]) - _logits(load(dst)[0])).max() <= 1e-4 * scale
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora"])
-def test_fuse_random_adapters_on_every_target(tmp_path, kind):
+def _random_adapter(folder: Path, kind: str, targets: list[str]) -> np.ndarray:
+    """An adapter with trained-looking (all non-zero) weights written to ``folder``; returns base + adapter logits."""
     model = load_model(BUNDLED)
     mx.random.seed(3)
-    lora.apply_adapters(model, kind, rank=4, alpha=8.0, dropout=0.0)
+    lora.apply_adapters(model, kind, rank=4, alpha=8.0, dropout=0.0, targets=targets)
     rng = np.random.default_rng(0)
     for _, module in model.named_modules():
         if isinstance(module, lora.ADAPTER_LAYERS):  # trained-looking adapters: both factors non-zero
@@ -280,17 +280,33 @@ def test_fuse_random_adapters_on_every_target(tmp_path, kind):
             if isinstance(module, lora.DoRALinear):
                 module.m = module.m * mx.array(rng.uniform(0.8, 1.2, module.m.shape).astype(np.float32))
     model.eval()
-    ref = _logits(model)
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapters.safetensors"), lora.trainable_weights(model))
+    opts = {"fine_tune_type": kind, "rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": targets}
+    write_adapter_config(folder, {**opts, "num_layers": -1}, BUNDLED)
+    return _logits(model)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_fuse_random_adapters_on_every_target(tmp_path, kind):
     adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    mx.save_safetensors(str(adapter / "adapters.safetensors"), lora.trainable_weights(model))
-    opts = {"fine_tune_type": kind, "rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": list(lora.TARGETS)}
-    write_adapter_config(adapter, {**opts, "num_layers": -1}, BUNDLED)
+    ref = _random_adapter(adapter, kind, list(lora.TARGETS))
     rc, log = run_cli(
         "fuse", "--model", str(BUNDLED), "--adapter-path", str(adapter), "--mlx-path", str(tmp_path / "f")
     )
     assert rc == 0, log
     assert np.abs(_logits(load(tmp_path / "f")[0]) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_mlx_lm_loads_adapters_of_the_projections(tmp_path, kind):
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    ref = _random_adapter(tmp_path / "adapter", kind, ["qkv_proj", "out_proj", "proj_1", "proj_2"])
+    theirs = mlx_lm_load_model(BUNDLED)[0]
+    load_adapters(theirs, str(tmp_path / "adapter"))
+    assert np.abs(_logits(theirs) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 # --- resume ---------------------------------------------------------------------------------------

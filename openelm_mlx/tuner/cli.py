@@ -178,15 +178,21 @@ def run_lora(args: argparse.Namespace) -> int:
 
 
 def write_adapter_config(out: Path, opts: dict[str, Any], base_dir: Path) -> None:
-    from .lora import model_hash
+    from .lora import BLOCK_TARGETS, model_hash
 
     cfg = {k: v for k, v in opts.items() if k not in ("force", "resume_adapter_file")}
     cfg.update(
         base_model=str(base_dir.absolute()),
         base_model_sha256=model_hash(base_dir),
         scale=opts["alpha"] / opts["rank"],
-        # mlx_lm's names for the same numbers
-        lora_parameters={"rank": opts["rank"], "scale": opts["alpha"] / opts["rank"], "dropout": opts["dropout"]},
+        # mlx_lm's names for the same numbers: with the default layers it loads these adapters of the
+        # blocks' projections (its own LoRA/DoRA layers compute the same); it has no embedding adapter.
+        lora_parameters={
+            "rank": opts["rank"],
+            "scale": opts["alpha"] / opts["rank"],
+            "dropout": opts["dropout"],
+            "keys": [BLOCK_TARGETS[t] for t in opts["targets"] if t in BLOCK_TARGETS],
+        },
     )
     tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
     try:

@@ -41,7 +41,7 @@ from ..model import Embedding, Linear, QuantizedEmbedding, QuantizedLinear
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 # Apple's targets, by the module name they end with; "token_embeddings" is outside the blocks.
 TARGETS = ("token_embeddings", "qkv_proj", "out_proj", "proj_1", "proj_2")
-_BLOCK_TARGETS = {t: ("attn." if t.endswith("_proj") else "ffn.") + t for t in TARGETS[1:]}
+BLOCK_TARGETS = {t: ("attn." if t.endswith("_proj") else "ffn.") + t for t in TARGETS[1:]}
 CONFIG_FILE = "adapter_config.json"
 ADAPTER_FILE = "adapters.safetensors"
 
@@ -168,7 +168,7 @@ def target_modules(model: nn.Module, targets: list[str], num_layers: int) -> lis
     first = 0 if num_layers == -1 else n - num_layers
     paths = ["transformer.token_embeddings"] if "token_embeddings" in targets else []
     for i in range(first, n):
-        paths += [f"transformer.layers.{i}.{_BLOCK_TARGETS[t]}" for t in targets if t != "token_embeddings"]
+        paths += [f"transformer.layers.{i}.{BLOCK_TARGETS[t]}" for t in targets if t != "token_embeddings"]
     return paths
 
 
