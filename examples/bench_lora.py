@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import os
 import re
 import statistics
 import subprocess
@@ -31,8 +32,8 @@ BUNDLED = ROOT / "openelm_mlx" / "bundled" / "openelm-tiny-kjv"
 KEYS = ["attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2"]
 
 
-def run(cmd: list[str]) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def run(cmd: list[str], env: dict | None = None) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stdout}\n{out.stderr}")
     return out.stdout + out.stderr
@@ -93,7 +94,13 @@ def ours(model: Path, data: Path, out: Path, a: argparse.Namespace) -> tuple[flo
 def theirs(model: Path, data: Path, out: Path, a: argparse.Namespace) -> tuple[float, float]:
     cmd = [sys.executable, __file__, "--mlx-lm-worker", str(model), str(data), str(out)]
     cmd += ["--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length)]
-    info = json.loads(re.findall(r'\{"tokens_per_second".*\}', run(cmd))[-1])
+    # The openelm-mlx CLI restarts itself on OpenBLAS when it is installed (blas.py): give mlx_lm the same BLAS.
+    from openelm_mlx.blas import find_fast_blas
+
+    env = dict(os.environ)
+    if find_fast_blas() and find_fast_blas() not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = f"{find_fast_blas()} {env.get('LD_PRELOAD', '')}".strip()
+    info = json.loads(re.findall(r'\{"tokens_per_second".*\}', run(cmd, env))[-1])
     return info["tokens_per_second"], info["peak_memory"]
 
 
