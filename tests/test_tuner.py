@@ -414,12 +414,12 @@ def test_formats_masks_and_length_batches(tmp_path, tok):
     )
     assert chat.tokens == tok.encode(context + "Rubbish in front of a fort.</s>")
     assert chat.offset == len(tok.encode(context))
-    inputs, targets, mask = datasets.make_batch(ds, [0, 1], 256)
-    assert inputs.shape == targets.shape == mask.shape and inputs.shape[1] % datasets.PAD_TO == 0
-    m = np.asarray(mask)
+    tokens, spans = datasets.make_batch(ds, [0, 1], 256)
+    assert (tokens.shape[1] - 1) % datasets.PAD_TO == 0
+    m, targets = np.asarray(datasets.target_mask(spans, tokens.shape[1] - 1)), np.asarray(tokens)[:, 1:]
     for row, e in enumerate((pc, chat)):  # exactly the completion's tokens are trained on
         assert np.flatnonzero(m[row]).tolist() == list(range(e.offset - 1, len(e.tokens) - 1))
-        assert np.asarray(targets)[row, e.offset - 1] == e.tokens[e.offset]
+        assert targets[row, e.offset - 1] == e.tokens[e.offset]
     text = datasets.cut_text(TEXT, tok, 128)
     assert {len(e.tokens) for e in text["train"].examples[:-1]} == {128}
     groups = datasets.length_batches(ds, 1)

@@ -208,19 +208,25 @@ def batch_order(num_batches: int, seed: int, index: int) -> int:
 
 def make_batch(
     ds: Dataset, rows: list[int], max_seq_length: int, rank: int = 0, world: int = 1
-) -> tuple[mx.array, mx.array, mx.array]:
-    """(inputs, targets, mask) for this rank's share (``rows[rank::world]``) of one global batch.
+) -> tuple[mx.array, mx.array]:
+    """(tokens [b, width], spans [b, 2]) for this rank's share (``rows[rank::world]``) of a batch.
 
+    ``spans`` holds each row's (offset, length); ``target_mask`` turns them into the loss mask.
     Right padding: with causal attention, a padded row computes exactly what it would alone."""
     mine = [ds.examples[i] for i in rows[rank::world]]
     lengths = [min(len(e.tokens), max_seq_length) for e in mine]
     width = min(1 + -(-(max(lengths) - 1) // PAD_TO) * PAD_TO, max_seq_length)  # inputs: a multiple of PAD_TO
     tokens = np.zeros((len(mine), width), np.int32)
-    mask = np.zeros((len(mine), width - 1), np.float32)
     for j, (e, n) in enumerate(zip(mine, lengths, strict=True)):
         tokens[j, :n] = e.tokens[:n]
-        mask[j, e.offset - 1 : n - 1] = 1.0  # target position t predicts token t + 1
-    return mx.array(tokens[:, :-1]), mx.array(tokens[:, 1:]), mx.array(mask)
+    return mx.array(tokens), mx.array([[e.offset, n] for e, n in zip(mine, lengths, strict=True)], dtype=mx.int32)
+
+
+def target_mask(spans: mx.array, width: int) -> mx.array:
+    """[b, width] booleans: target position t (which predicts token t + 1) is trained on iff
+    offset <= t + 1 < length."""
+    nxt = mx.arange(1, width + 1)
+    return mx.logical_and(nxt >= spans[:, 0:1], nxt < spans[:, 1:])
 
 
 def iterate(ds: Dataset, group_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
