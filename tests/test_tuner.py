@@ -498,3 +498,21 @@ def test_ctrl_c_saves_the_last_adapters(tmp_path):
     _, meta = mx.load(str(out / "adapters.safetensors"), return_metadata=True)
     assert int(meta["step"]) >= 2
     assert (out / "adapters_state.safetensors").is_file()  # so it can be resumed
+
+
+def test_full_fine_tune_trains_whole_blocks_and_fuses(tmp_path, work):
+    out = tmp_path / "full"
+    args = [*SHORT, "--iters", "2", "--fine-tune-type", "full", "--num-layers", "1", "--targets", "qkv_proj"]
+    rc, log = run_cli("lora", "--model", str(BUNDLED), *args, "--adapter-path", str(out))
+    assert rc == 0, log
+    weights = mx.load(str(out / "adapters.safetensors"))
+    assert weights and all(k.startswith("transformer.layers.7.") for k in weights)  # the last block, whole
+    assert "transformer.layers.7.ffn_norm.weight" in weights
+    tuned = load(BUNDLED, adapter_path=out)[0]
+    rc, log = run_cli("fuse", "--model", str(BUNDLED), "--adapter-path", str(out), "--mlx-path", f"{tmp_path}/f")
+    assert rc == 0, log
+    ref = _logits(tuned)
+    assert np.abs(_logits(load(tmp_path / "f")[0]) - ref).max() <= 1e-6 * np.abs(ref).max()
+    assert np.abs(_logits(load_model(BUNDLED)) - ref).max() > 1e-4  # and it did change the model
+    rc, log = run_cli("lora", "--model", str(work / "tiny-4bit"), *args, "--adapter-path", str(tmp_path / "q"))
+    assert rc == 1 and "--fine-tune-type full needs an unquantized model" in log
