@@ -111,7 +111,7 @@ def _model_path(args: argparse.Namespace) -> str:
 def _load_for_generation(args: argparse.Namespace):
     from .loading import load
 
-    model, tokenizer = load(_model_path(args), tokenizer=args.tokenizer)
+    model, tokenizer = load(_model_path(args), tokenizer=args.tokenizer, adapter_path=args.adapter_path)
     draft = None
     if getattr(args, "draft_model", None):
         draft, _ = load(args.draft_model, tokenizer=args.tokenizer)
@@ -328,6 +328,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed reproduces a run")
     p.add_argument("--system-prompt", default=None, help="system prompt for Instruct models")
+    p.add_argument("--adapter-path", help="a folder written by `openelm-mlx lora`: generate with that adapter")
 
 
 def _positive_int(flag: str) -> Callable[[str], int]:
@@ -452,8 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     from .server.cli import add_parser as add_serve_parser
+    from .tuner.cli import add_parsers as add_tuner_parsers
 
     add_serve_parser(sub)
+    add_tuner_parsers(sub)
     return parser
 
 

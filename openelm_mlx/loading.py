@@ -126,9 +126,12 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path, q
             )
 
 
-def load(path_or_repo: str | Path, tokenizer: str | Path | None = None) -> tuple[OpenELM, Tokenizer]:
+def load(
+    path_or_repo: str | Path, tokenizer: str | Path | None = None, adapter_path: str | Path | None = None
+) -> tuple[OpenELM, Tokenizer]:
     """(model, tokenizer) from a converted directory, an HF folder with safetensors, or anything
-    ``convert`` reads (a Hub repo id, .bin folder, CoreNet file), converted once into a cache."""
+    ``convert`` reads (a Hub repo id, .bin folder, CoreNet file), converted once into a cache.
+    ``adapter_path``: a folder written by ``openelm-mlx lora``, applied on top (tuner/lora.py)."""
     from .convert.hub import looks_like_repo_id
 
     path = Path(path_or_repo).expanduser()
@@ -138,6 +141,11 @@ def load(path_or_repo: str | Path, tokenizer: str | Path | None = None) -> tuple
     if convertible or (not path.exists() and looks_like_repo_id(str(path_or_repo))):
         path = _convert_into_cache(str(path_or_repo))
     model = load_model(path)
+    model.source_dir = path
+    if adapter_path is not None:
+        from .tuner.lora import attach_for_inference
+
+        attach_for_inference(model, adapter_path)
     tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.model"
     if not tok_file.exists():
         raise OpenELMError(
