@@ -69,6 +69,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         preset=args.preset,
         config=args.config,
         run_verify=not args.no_verify,
+        max_kl=args.max_kl,
         force=args.force,
     )
     return 0
@@ -79,7 +80,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .convert.verify import verify
 
     source = load_source(args.source, preset=args.preset, config_file=args.config)
-    report = verify(source, Path(args.model), num_tokens=args.tokens)
+    tok = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
+    tok = tok if tok.is_file() else source.tokenizer
+    report = verify(source, Path(args.model), num_tokens=args.tokens, tokenizer=tok, max_kl=args.max_kl)
     print(report)
     return 0 if report.passed else 1
 
@@ -303,6 +306,28 @@ def _positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def _non_negative_float(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number, not {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number >= 0, not {text}")
+        return value
+
+    return parse
+
+
+def _add_max_kl(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-kl",
+        type=_non_negative_float("--max-kl"),
+        default=None,
+        help="fail when the mean KL divergence from the original weights exceeds this (default: only report it)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openelm-mlx", description="Apple's OpenELM models in MLX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -336,15 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="shapes for a bare checkpoint: 270M, 450M, 1_1B, 3B")
     p.add_argument("--config", help="shapes for a bare checkpoint: an HF config.json or a CoreNet YAML")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the float64 reference")
-    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    _add_max_kl(p)
+    p.add_argument(
+        "--force",
+        action="count",
+        default=0,
+        help="replace an earlier conversion at --mlx-path; twice (--force --force) to replace anything else there",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="compare a converted model with the float64 reference on its source weights")
     p.add_argument("--source", required=True, help="what was converted: Hub repo id, HF folder or checkpoint file")
     p.add_argument("--model", required=True, help="the converted MLX directory")
-    p.add_argument("--tokens", type=int, default=32, help="sequence length to compare (default 32)")
+    p.add_argument(
+        "--tokens", type=_positive_int("--tokens"), default=32, help="sequence length to compare (default 32)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer.model for the text (default: the model directory's or the source's)")
     p.add_argument("--preset", help="shapes for a bare checkpoint source")
     p.add_argument("--config", help="config.json or CoreNet YAML for a bare checkpoint source")
+    _add_max_kl(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="generate text, streamed to stdout; figures go to stderr")
@@ -394,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    from .conversion_cache import add_parser as add_cache_parser
+
+    add_cache_parser(sub)
     return parser
 
 

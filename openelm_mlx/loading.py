@@ -153,16 +153,6 @@ def load(path_or_repo: str | Path, tokenizer: str | Path | None = None) -> tuple
 
 
 def _convert_into_cache(src: str) -> Path:
-    import hashlib
-    import os
-    import sys
+    from .conversion_cache import convert_into_cache
 
-    from .convert.pipeline import convert
-
-    root = Path(os.environ.get("OPENELM_MLX_CACHE", Path.home() / ".cache" / "openelm-mlx"))
-    dst = root / (Path(src).name + "-" + hashlib.sha1(src.encode()).hexdigest()[:8])
-    if not (dst / "config.json").is_file():
-        print(f"converting {src} into {dst} (once) ...", file=sys.stderr)
-        root.mkdir(parents=True, exist_ok=True)
-        convert(src, dst, force=True)
-    return dst
+    return convert_into_cache(src)
