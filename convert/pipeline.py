@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from ..config import PRESETS, OpenELMConfig
 from ..errors import CheckpointError, OpenELMError
 from . import hub, quantize, writer
 from .sources import Source, load_source
@@ -138,7 +139,7 @@ def convert(
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.model")
             writer.write_json(tmp / "tokenizer_config.json", _TOKENIZER_CONFIG)
-        writer.write_text(tmp / "README.md", _model_card(hf_path, cfg.num_parameters(), out_dtype, block, tok_path))
+        writer.write_text(tmp / "README.md", _model_card(hf_path, cfg, out_dtype, block, tok_path))
         report = None
         if run_verify:
             try:
@@ -193,13 +194,33 @@ _TOKENIZER_CONFIG = {
 }
 
 
-def _model_card(src: str, params: int, dtype: str, quant: dict | None, tokenizer: Path | None) -> str:
+def is_apple_model(src: str, config: OpenELMConfig) -> bool:
+    """One of Apple's eight checkpoints (by repo id, or by the shape of one of its four sizes)."""
+    if src.lower().startswith("apple/"):
+        return True
+    shape = (config.num_transformer_layers, config.model_dim, config.head_dim, config.vocab_size)
+    return any(
+        shape == (p.num_transformer_layers, p.model_dim, p.head_dim, p.vocab_size)
+        for p in map(OpenELMConfig.from_preset, PRESETS)
+    )
+
+
+def _model_card(src: str, cfg: OpenELMConfig, dtype: str, quant: dict | None, tokenizer: Path | None) -> str:
+    apple = is_apple_model(src, cfg)
     q = f"{quant['bits']}-bit ({quant['mode']}, group size {quant['group_size']})" if quant else "none"
-    tok = "tokenizer.model (Llama-2 SentencePiece)" if tokenizer else "none: add a Llama-2 tokenizer.model"
+    if tokenizer is None:
+        tok = "none: add a Llama-2 tokenizer.model" if apple else "none: add the source's tokenizer.model"
+    else:
+        pieces = "Llama-2 SentencePiece" if apple else f"SentencePiece, {cfg.vocab_size} pieces"
+        tok = f"tokenizer.model ({pieces})"
+    licence = (
+        "The weights are Apple's and are under Apple's licence (apple-sample-code-license) for OpenELM.\n"
+        if apple
+        else f"The weights are those of `{src}`, under its licence; openelm-mlx adds none.\n"
+    )
     return (
         f"# OpenELM in MLX\n\nConverted by openelm-mlx from `{src}`.\n\n"
-        f"- parameters: {params:,}\n- dtype: {dtype}\n- quantization: {q}\n- tokenizer: {tok}\n\n"
+        f"- parameters: {cfg.num_parameters():,}\n- dtype: {dtype}\n- quantization: {q}\n- tokenizer: {tok}\n\n"
         "Load with `openelm_mlx.load(path)` or `mlx_lm.load(path)`; generate with\n"
-        "`openelm-mlx generate --model PATH --prompt ...`.\n\n"
-        "The weights are Apple's and are under Apple's licence (apple-sample-code-license) for OpenELM.\n"
+        "`openelm-mlx generate --model PATH --prompt ...`.\n\n" + licence
     )
