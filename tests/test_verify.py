@@ -44,8 +44,11 @@ def _kwargs(what):
 
 
 # --- every width, recipe and dtype passes -------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("what", [None, 4, 8, ("mxfp4", 4)])
+@pytest.mark.parametrize(
+    "dtype, what",
+    [(d, w) for d in ("float32", "float16", "bfloat16") for w in (None, 4)]
+    + [("bfloat16", 8), ("float32", ("mxfp4", 4)), ("bfloat16", ("nvfp4", 4)), ("float32", ("mxfp8", 8))],
+)
 def test_every_dtype_passes_correctness_tightly(tmp_path, small_src, dtype, what):
     kwargs = _kwargs(what) if what else {}
     result = convert(str(small_src), tmp_path / "out", dtype=dtype, **kwargs, **QUIET)
@@ -56,7 +59,7 @@ def test_every_dtype_passes_correctness_tightly(tmp_path, small_src, dtype, what
         assert c.logit_err < 1e-5  # quantized or not: the model computes exactly what the stored weights say
 
 
-@pytest.mark.parametrize("what", WIDTHS + RECIPES + FP_MODES)
+@pytest.mark.parametrize("what", WIDTHS + RECIPES)
 def test_bundled_model_every_width_and_recipe(tmp_path, what):
     result = convert(BUNDLED, tmp_path / "out", **_kwargs(what), **QUIET)
     r = result.report
