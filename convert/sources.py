@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import OpenELMConfig, preset_name
 from ..errors import CheckpointError, ConfigError, OpenELMError
-from ..loading import check_names
+from ..loading import check_names, looks_local_path
 from . import hub
 from .safetensors_reader import read_safetensors
 from .tensors import FLOAT_DTYPES, LazyTensor
@@ -48,7 +48,7 @@ class Source:
 def load_source(src: str, preset: str | None = None, config_file: str | None = None) -> Source:
     path = Path(src).expanduser()
     if not path.exists():
-        if hub.looks_like_repo_id(src):
+        if hub.looks_like_repo_id(src) and not looks_local_path(src):
             path = hub.download_checkpoint(src)
         else:
             raise OpenELMError(f"{src}: no such file or directory (and not a Hub repo id like apple/OpenELM-270M)")

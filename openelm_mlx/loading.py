@@ -158,7 +158,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: str | Path | None = 
             f"{text}: not a model: pass a converted model directory, a Hub repo id, or a "
             ".safetensors/.bin/.pt checkpoint (with a config.json beside it)"
         )
-    if not path.exists() and (not looks_like_repo_id(text) or _looks_local(text)):
+    if not path.exists() and (not looks_like_repo_id(text) or looks_local_path(text)):
         raise OpenELMError(f"{text}: no such file or directory")
     convertible = path.is_file() or (
         path.is_dir() and (path / "config.json").is_file() and not any(path.glob("model*.safetensors"))
@@ -180,7 +180,7 @@ def load(path_or_repo: str | Path | None = None, tokenizer: str | Path | None = 
     return model, tok
 
 
-def _looks_local(text: str) -> bool:
+def looks_local_path(text: str) -> bool:
     """'models/typo' when ./models exists: a mistyped path, not a Hub repo."""
     return Path(text).expanduser().parent.is_dir() and Path(text).parent != Path(".")
 

@@ -134,6 +134,13 @@ def test_mistyped_local_path_is_not_a_hub_repo(tmp_path):
     assert "Hub" not in out.err and "converting" not in out.err
 
 
+def test_mistyped_local_path_in_convert(tmp_path):
+    (tmp_path / "models").mkdir()
+    out = cli("convert", "--hf-path", "models/typo", "--mlx-path", "out", cwd=tmp_path)
+    one_line_error(out, 1, "models/typo: no such file or directory")
+    assert "Hub" not in out.err.split("(")[0]
+
+
 def test_a_file_that_is_no_model():
     out = cli("generate", "--model", str(ROOT / "README.md"), "--prompt", "hi")
     one_line_error(out, 1, "README.md: not a model")
