@@ -59,10 +59,36 @@ def download_checkpoint(repo_id: str, revision: str | None = None) -> Path:
     return folder
 
 
+def reachable(timeout: float = 1.0) -> bool:
+    """Whether the Hub's endpoint accepts a TCP connection within ``timeout`` seconds.
+
+    huggingface_hub retries an unreachable endpoint for about 20 s before giving up; this
+    answers in a second. Behind a proxy the endpoint is not dialled directly: assume yes."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def download_file(repo_id: str, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(repo_id, filename))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not reachable()
+    try:  # unreachable: the local cache still answers, at once
+        return Path(hf_hub_download(repo_id, filename, local_files_only=offline))
     except Exception as e:
+        if offline:
+            home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            raise OpenELMError(
+                f"cannot reach the Hugging Face Hub and {repo_id}/{filename} is not in the local cache ({home}); "
+                "connect to the internet, or pass a local file instead"
+            ) from None
         raise _explain(repo_id, e) from None

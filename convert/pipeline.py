@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from ..config import PRESETS, OpenELMConfig
 from ..errors import CheckpointError, OpenELMError
 from . import hub, quantize, writer
 from .sources import Source, load_source
@@ -89,21 +90,27 @@ def convert(
     preset: str | None = None,
     config: str | None = None,
     run_verify: bool = True,
-    verify_tokens: int = 16,
-    force: bool = False,
+    verify_tokens: int = 32,
+    max_kl: float | None = None,
+    force: bool | int = False,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> Result:
+    """Convert ``hf_path`` into ``mlx_path``. ``force`` (or 1) replaces an earlier conversion there;
+    2 replaces whatever is there, except the source or a folder holding it."""
     dst = Path(mlx_path).expanduser().absolute()
     for message in writer.clean_stale(dst):
         log(message)
-    if dst.exists() and not force:  # fail before any download
-        raise OpenELMError(f"{dst} already exists; pass --force to replace it")
+    local = [Path(hf_path).expanduser()] if Path(hf_path).expanduser().exists() else []
+    writer.check_destination(dst, int(force), local)  # fail before any download
     spec = quantize.check_spec(q_bits, q_group_size, q_mode, quant_recipe) if (quantize_model or quant_recipe) else None
     source = load_source(hf_path, preset=preset, config_file=config)
+    writer.check_destination(dst, int(force), local + source.files)  # a Hub source lives in its cache
     cfg = source.config
     out_dtype, why = pick_dtype(dtype)
     log(f"source: {hf_path} ({len(source.files)} file(s), {source.source_dtype}, {cfg.num_parameters():,} parameters)")
     log(f"dtype: {out_dtype} ({why})")
+    for note in source.notes:
+        log(note)
     modules = quantize.plan(cfg, spec, quant_recipe) if spec else {}
     if spec:
         what = f"recipe {quant_recipe}" if quant_recipe else f"{spec.bits}-bit"
@@ -114,12 +121,14 @@ def convert(
 
     with writer.staging_dir(dst, force) as tmp:
         weights = _convert_tensors(source, DTYPES[out_dtype], modules)
-        log(f"writing {sum(w.nbytes for w in weights.values()) / 1e9:.2f} GB of weights ...")
+        log(f"writing {_size(sum(w.nbytes for w in weights.values()))} of weights ...")
         writer.save_weights(tmp, weights)
         del weights
         mx.clear_cache()  # hand the written buffers back before verify loads the model again
         block = quantize.config_block(spec, modules) if spec else None
         config_json = cfg.to_dict()
+        if not cfg.share_input_output_layers:  # read again as an HF config, it must stay untied
+            config_json["tie_word_embeddings"] = False
         if block:
             config_json["quantization"] = block
         config_json["openelm_mlx"] = {"source": hf_path, "dtype": out_dtype, "instruct": source.is_instruct}
@@ -130,17 +139,25 @@ def convert(
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.model")
             writer.write_json(tmp / "tokenizer_config.json", _TOKENIZER_CONFIG)
-        writer.write_text(tmp / "README.md", _model_card(hf_path, cfg.num_parameters(), out_dtype, block, tok_path))
+        writer.write_text(tmp / "README.md", _model_card(hf_path, cfg, out_dtype, block, tok_path))
         report = None
         if run_verify:
-            report = verify(source, tmp, num_tokens=verify_tokens)
-            log(str(report))
+            try:
+                report = verify(source, tmp, num_tokens=verify_tokens, tokenizer=tok_path, max_kl=max_kl)
+            except OpenELMError as e:  # the written files do not even load: name them as the user will
+                raise OpenELMError(f"verification: {str(e).replace(str(tmp), str(dst))}; nothing was written") from None
+            for line in str(report).splitlines():
+                log(line)
             if not report.passed:
                 raise OpenELMError(f"verification failed; nothing was written to {dst}")
     log(f"wrote {dst}")
     if tok_path is None:
         log(f"warning: no tokenizer.model beside the source. {LLAMA2_TOKENIZER_HINT}")
     return Result(dst, out_dtype, block, tok_path is not None, report)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _convert_tensors(source: Source, dtype: mx.Dtype, modules: dict) -> dict[str, mx.array]:
@@ -177,13 +194,33 @@ _TOKENIZER_CONFIG = {
 }
 
 
-def _model_card(src: str, params: int, dtype: str, quant: dict | None, tokenizer: Path | None) -> str:
+def is_apple_model(src: str, config: OpenELMConfig) -> bool:
+    """One of Apple's eight checkpoints (by repo id, or by the shape of one of its four sizes)."""
+    if src.lower().startswith("apple/"):
+        return True
+    shape = (config.num_transformer_layers, config.model_dim, config.head_dim, config.vocab_size)
+    return any(
+        shape == (p.num_transformer_layers, p.model_dim, p.head_dim, p.vocab_size)
+        for p in map(OpenELMConfig.from_preset, PRESETS)
+    )
+
+
+def _model_card(src: str, cfg: OpenELMConfig, dtype: str, quant: dict | None, tokenizer: Path | None) -> str:
+    apple = is_apple_model(src, cfg)
     q = f"{quant['bits']}-bit ({quant['mode']}, group size {quant['group_size']})" if quant else "none"
-    tok = "tokenizer.model (Llama-2 SentencePiece)" if tokenizer else "none: add a Llama-2 tokenizer.model"
+    if tokenizer is None:
+        tok = "none: add a Llama-2 tokenizer.model" if apple else "none: add the source's tokenizer.model"
+    else:
+        pieces = "Llama-2 SentencePiece" if apple else f"SentencePiece, {cfg.vocab_size} pieces"
+        tok = f"tokenizer.model ({pieces})"
+    licence = (
+        "The weights are Apple's and are under Apple's licence (apple-sample-code-license) for OpenELM.\n"
+        if apple
+        else f"The weights are those of `{src}`, under its licence; openelm-mlx adds none.\n"
+    )
     return (
         f"# OpenELM in MLX\n\nConverted by openelm-mlx from `{src}`.\n\n"
-        f"- parameters: {params:,}\n- dtype: {dtype}\n- quantization: {q}\n- tokenizer: {tok}\n\n"
+        f"- parameters: {cfg.num_parameters():,}\n- dtype: {dtype}\n- quantization: {q}\n- tokenizer: {tok}\n\n"
         "Load with `openelm_mlx.load(path)` or `mlx_lm.load(path)`; generate with\n"
-        "`openelm-mlx generate --model PATH --prompt ...`.\n\n"
-        "The weights are Apple's and are under Apple's licence (apple-sample-code-license) for OpenELM.\n"
+        "`openelm-mlx generate --model PATH --prompt ...`.\n\n" + licence
     )

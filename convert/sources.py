@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import OpenELMConfig, preset_name
 from ..errors import CheckpointError, ConfigError, OpenELMError
-from ..loading import check_names
+from ..loading import check_names, looks_local_path
 from . import hub
 from .safetensors_reader import read_safetensors
 from .tensors import FLOAT_DTYPES, LazyTensor
@@ -34,6 +34,7 @@ class Source:
     tokenizer: Path | None
     generation_config: dict | None
     files: list[Path]
+    notes: list[str] = field(default_factory=list)  # how the layout was read, for the log
 
     @property
     def is_instruct(self) -> bool:
@@ -47,31 +48,33 @@ class Source:
 def load_source(src: str, preset: str | None = None, config_file: str | None = None) -> Source:
     path = Path(src).expanduser()
     if not path.exists():
-        if hub.looks_like_repo_id(src):
+        if hub.looks_like_repo_id(src) and not looks_local_path(src):
             path = hub.download_checkpoint(src)
         else:
             raise OpenELMError(f"{src}: no such file or directory (and not a Hub repo id like apple/OpenELM-270M)")
     if path.is_dir():
         files = _weight_files(path)
-        config = _explicit_config(preset, config_file) or _folder_config(path)
+        config, tie = _explicit_config(preset, config_file) or _folder_config(path)
     else:
         files = [path]
-        config = _explicit_config(preset, config_file)
-        if config is None:
+        explicit = _explicit_config(preset, config_file)
+        if explicit is None:
             beside = path.parent / "config.json"
             if not beside.is_file():
                 raise OpenELMError(
                     f"{path}: a single checkpoint file carries no shapes; pass --preset "
                     "(270M, 450M, 1_1B, 3B) or --config (config.json or CoreNet YAML)"
                 )
-            config = OpenELMConfig.from_json(beside)
+            explicit = read_hf_config(beside)
+        config, tie = explicit
     raw: dict[str, LazyTensor] = {}
     for f in files:
         for name, t in _read_any(f).items():
             if name in raw:
                 raise CheckpointError(f"{f}: tensor {name} appears in more than one shard")
             raw[name] = t
-    tensors = to_hf_names(raw, config, files[0])
+    notes: list[str] = []
+    config, tensors = to_hf_names(raw, config, files[0], tie, notes)
     folder = path if path.is_dir() else path.parent
     tok = folder / "tokenizer.model"
     gen = folder / "generation_config.json"
@@ -81,26 +84,40 @@ def load_source(src: str, preset: str | None = None, config_file: str | None = N
             generation_config = json.loads(gen.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             generation_config = None
-    return Source(src, config, tensors, tok if tok.is_file() else None, generation_config, files)
+    return Source(src, config, tensors, tok if tok.is_file() else None, generation_config, files, notes)
 
 
-def _explicit_config(preset: str | None, config_file: str | None) -> OpenELMConfig | None:
+# (config, tie_word_embeddings as the config.json says: True, False, or None when unset)
+_Shapes = tuple[OpenELMConfig, bool | None]
+
+
+def _explicit_config(preset: str | None, config_file: str | None) -> _Shapes | None:
     if preset and config_file:
         raise OpenELMError("--preset and --config are alternatives: pass one of them")
     if preset:
-        return OpenELMConfig.from_preset(preset)
+        return OpenELMConfig.from_preset(preset), None
     if config_file:
         p = Path(config_file)
         if p.suffix in (".yaml", ".yml"):
-            return config_from_corenet_yaml(p)
-        return OpenELMConfig.from_json(p)
+            return config_from_corenet_yaml(p), None
+        return read_hf_config(p)
     return None
 
 
-def _folder_config(folder: Path) -> OpenELMConfig:
+def _folder_config(folder: Path) -> _Shapes:
     if not (folder / "config.json").is_file():
         raise OpenELMError(f"{folder}: no config.json; pass --preset or --config to give the model's shapes")
-    return OpenELMConfig.from_json(folder / "config.json")
+    return read_hf_config(folder / "config.json")
+
+
+def read_hf_config(path: Path) -> _Shapes:
+    """An HF config.json and its ``tie_word_embeddings``, which OpenELMConfig does not keep:
+    Apple's configuration class never sets it, so Hugging Face's default (true) applies."""
+    config = OpenELMConfig.from_json(path)
+    tie = json.loads(path.read_text()).get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise ConfigError(f"{path}: tie_word_embeddings={tie!r}: must be true or false")
+    return config, tie
 
 
 def config_from_corenet_yaml(path: Path) -> OpenELMConfig:
@@ -164,12 +181,33 @@ def _read_any(path: Path) -> dict[str, LazyTensor]:
     )
 
 
-def to_hf_names(raw: dict[str, LazyTensor], config: OpenELMConfig, where: Path) -> dict[str, LazyTensor]:
-    """Map HF or CoreNet names to HF names and check them against the config's checklist."""
+def to_hf_names(
+    raw: dict[str, LazyTensor],
+    config: OpenELMConfig,
+    where: Path,
+    tie_word_embeddings: bool | None = None,
+    notes: list[str] | None = None,
+) -> tuple[OpenELMConfig, dict[str, LazyTensor]]:
+    """Map HF or CoreNet names to HF names, settle which head Apple's code would use, and check
+    the tensors against the config's checklist. Returns the config as it runs (head tied or not)."""
+    notes = [] if notes is None else notes
     corenet = "transformer.token_embeddings.weight" not in raw and "token_embeddings.weight" in raw
+    if not corenet and not config.share_input_output_layers and tie_word_embeddings is not False:
+        # Apple's OpenELMForCausalLM has an lm_head here, but transformers' tie_weights() points it
+        # at the embedding unless tie_word_embeddings is false (its default is true, and Apple's
+        # config never sets it); save_pretrained then writes no lm_head.weight.
+        config = replace(config, share_input_output_layers=True)
+        notes.append(
+            "head: tied to the embedding, as Apple's code runs it (share_input_output_layers is false but "
+            "tie_word_embeddings is not; both must be false for an untied head)"
+        )
     tensors: dict[str, LazyTensor] = {}
     for name, t in raw.items():
         if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if not corenet and name == "transformer.classifier.weight":
+            # OpenELMModel builds this when share_input_output_layers is false; no forward uses it.
+            notes.append("dropped transformer.classifier.weight: Apple's OpenELMModel saves it but never uses it")
             continue
         if corenet:
             name = "lm_head.weight" if name == "classifier.weight" else f"transformer.{name}"
@@ -191,4 +229,4 @@ def to_hf_names(raw: dict[str, LazyTensor], config: OpenELMConfig, where: Path) 
             )
         if t.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{t.file}: tensor {name} has dtype {t.dtype}; expected a float type")
-    return {n: tensors[n] for n in expected}
+    return config, {n: tensors[n] for n in expected}

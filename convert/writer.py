@@ -1,15 +1,17 @@
-"""Writing a model directory so that nothing the user had is ever half-replaced.
+"""Writing a model directory so that nothing the user had is ever half-replaced or lost.
 
 All files go to a hidden sibling ``.NAME.partial-PID``; only a complete, verified
 directory is renamed to its final name.  ``--force`` swaps an existing directory
 out with two renames, and leftovers of killed runs are removed (and reported) by
-the next run.
+the next run.  A destination that is or holds the source is always refused; one that
+is not a model directory openelm-mlx wrote needs ``--force`` twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +24,60 @@ from ..errors import OpenELMError
 SHARD_BYTES = 5 * 2**30
 _PARTIAL = ".partial-"
 _OLD = ".old-"
+# What a conversion writes (and the conversion cache's marker): --force replaces only this.
+WRITTEN = re.compile(
+    r"(config\.json|generation_config\.json|tokenizer\.model|tokenizer_config\.json|README\.md"
+    r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|openelm-mlx-source\.json)"
+)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def is_converted_model(folder: Path) -> bool:
+    """A directory openelm-mlx wrote: its config.json has our block and it holds only our files."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(raw, dict) or not isinstance(raw.get("openelm_mlx"), dict):
+        return False
+    return all(WRITTEN.fullmatch(p.name) for p in folder.iterdir())
+
+
+def check_destination(dst: Path, force: int, sources: list[Path]) -> None:
+    """Refuse a destination whose replacement would lose something the user had.
+
+    ``force`` 1 replaces an earlier converted model directory; 2 replaces anything that is
+    not, and does not hold, the source."""
+    target = dst.expanduser().resolve()
+    for s in sources:
+        src = s.expanduser().resolve()
+        if src == target or target in src.parents:
+            what = "is" if src == target else "contains"
+            raise OpenELMError(
+                f"--mlx-path {dst} {what} the source {s}: writing there would delete it; choose another directory"
+            )
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if not force:
+        raise OpenELMError(f"{dst} already exists; pass --force to replace it")
+    if force >= 2 or is_converted_model(dst):
+        return
+    if dst.is_dir() and not dst.is_symlink():
+        others = sorted(p.name for p in dst.iterdir() if not WRITTEN.fullmatch(p.name))
+        why = f"it holds files openelm-mlx did not write ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+        if not others:
+            why = "it is not a model directory openelm-mlx wrote (its config.json has no openelm_mlx block)"
+    else:
+        why = "it is not a directory"
+    raise OpenELMError(f"--mlx-path {dst}: {why}; --force only replaces earlier conversions: pass --force twice")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -48,11 +104,11 @@ def clean_stale(dst: Path) -> list[str]:
                 continue
             if _pid_alive(int(tail[len(marker) :])):
                 continue
-            if marker == _OLD and not dst.exists():
+            if marker == _OLD and not (dst.exists() or dst.is_symlink()):
                 os.rename(p, dst)
                 done.append(f"restored {dst} from {p.name}, left aside by an interrupted --force conversion")
             else:
-                shutil.rmtree(p, ignore_errors=True)
+                _remove(p)
                 done.append(f"removed {p}, left behind by an interrupted conversion")
     return done
 
@@ -61,10 +117,10 @@ def clean_stale(dst: Path) -> list[str]:
 def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``dst``; on success it becomes ``dst``, else it vanishes."""
     dst = dst.expanduser().absolute()
-    if dst.exists() and not force:
+    if (dst.exists() or dst.is_symlink()) and not force:
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
     tmp = dst.parent / f".{dst.name}{_PARTIAL}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -73,15 +129,19 @@ def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         _fsync_tree(tmp)
-        if dst.exists():
+        if dst.exists() or dst.is_symlink():
             old = dst.parent / f".{dst.name}{_OLD}{os.getpid()}"
             os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                os.rename(old, dst)  # put back what the user had
+                raise
+            _remove(old)  # a directory, a file or a link: no backup is left behind
         else:
             os.rename(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 

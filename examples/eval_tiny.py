@@ -1,12 +1,13 @@
 """Validation perplexity of the bundled OpenELM-tiny-KJV: float32, 8-bit, 4-bit, a mixed recipe,
-and the unigram baseline.  Writes examples/data/tiny-kjv-perplexity.json (the tests check
-against it) and prints the table that README.md quotes.
+and the unigram baseline.  Prints the table that README.md quotes; with --write it also
+records the figures in examples/data/tiny-kjv-perplexity.json (tracked: the tests check against it).
 
-    python examples/eval_tiny.py
+    python examples/eval_tiny.py [--write]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import tempfile
@@ -31,6 +32,9 @@ VARIANTS = {
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help=f"record the figures in {RESULT.relative_to(ROOT)}")
+    args = parser.parse_args()
     results: dict[str, float] = {}
     text = VALID.read_text()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,11 +61,16 @@ def main() -> None:
         # 4-bit may cost at most this much perplexity over float32 (measured increase, rounded up)
         "q4_margin": math.ceil((results["4-bit"] / results["float32"] - 1) * 100 + 2) / 100,
     }
-    RESULT.write_text(json.dumps(payload, indent=2) + "\n")
     print("| model | validation perplexity |\n|---|---|")
     for name, value in results.items():
         print(f"| {name} | {value:.2f} |")
-    print(f"wrote {RESULT}")
+    if args.write:
+        tmp = RESULT.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(RESULT)  # atomic
+        print(f"wrote {RESULT}")
+    else:
+        print(f"(not recorded: pass --write to update {RESULT.relative_to(ROOT)})")
 
 
 if __name__ == "__main__":

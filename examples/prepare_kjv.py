@@ -10,9 +10,9 @@ the headings and puts each verse on one line without its number.
 
 from __future__ import annotations
 
+import argparse
 import lzma
 import re
-import sys
 from pathlib import Path
 
 VERSE = re.compile(r"^\s+\d+ (.*)$")
@@ -33,7 +33,13 @@ def clean(raw: str) -> str:
 
 
 if __name__ == "__main__":
-    text = clean(Path(sys.argv[1]).read_text())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("raw", type=Path, help="the dump written by Debian's `bible` program")
+    args = parser.parse_args()
+    try:
+        text = clean(args.raw.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"{args.raw}: cannot read it ({e})")
     out = Path(__file__).parent / "data" / "kjv.txt.xz"
     out.write_bytes(lzma.compress(text.encode(), preset=9 | lzma.PRESET_EXTREME))
     chapters = text.count("\n\n") + 1

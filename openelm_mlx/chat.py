@@ -30,11 +30,14 @@ class ChatSession:
         if not message.strip():
             raise OpenELMError("the message is empty")
         first = not self.history
-        text = turn_text(message, self.system_prompt if first else None)
-        if not first:
-            # Close the previous reply as the template does: EOS (unless it stopped on one), then "\n".
-            closed = self.history[-1] == self.tokenizer.eos_id
-            text = ("" if closed else "</s>") + "\n" + text
+        if self.options.get("template", "instruct") == "none":  # a base model: plain text, one turn a line
+            text = message if first else "\n" + message
+        else:
+            text = turn_text(message, self.system_prompt if first else None)
+            if not first:
+                # Close the previous reply as the template does: EOS (unless it stopped on one), then "\n".
+                closed = self.history[-1] == self.tokenizer.eos_id
+                text = ("" if closed else "</s>") + "\n" + text
         ids = self.tokenizer.encode(text, add_bos=first)
         self.reply_start = len(self.history) + len(ids)
         stats = DecodeStats()

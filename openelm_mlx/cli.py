@@ -7,15 +7,23 @@ Each subcommand lives in a ``cmd_*`` function; errors that users can cause are
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import OpenELMConfig
+from . import __version__
 from .errors import OpenELMError
+
+if TYPE_CHECKING:
+    from .config import OpenELMConfig
 
 
 def _config_from_args(args: argparse.Namespace) -> OpenELMConfig:
+    from .config import OpenELMConfig
+
     if args.preset:
         return OpenELMConfig.from_preset(args.preset)
     if args.config:
@@ -56,19 +64,29 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert.pipeline import convert
 
+    given = [f for f, v in (("--q-bits", args.q_bits), ("--q-group-size", args.q_group_size),
+                            ("--q-mode", args.q_mode)) if v is not None]  # fmt: skip
+    if given and not (args.quantize or args.quant_recipe):
+        raise OpenELMError(f"{given[0]} quantizes: add -q (or --quant-recipe); without it the output is not quantized")
+    if args.quant_recipe and args.q_bits is not None:
+        print(
+            f"note: --quant-recipe {args.quant_recipe} sets the bits per module; --q-bits {args.q_bits} is ignored",
+            file=sys.stderr,
+        )
     convert(
         args.hf_path,
         args.mlx_path,
         dtype=args.dtype,
         quantize_model=args.quantize,
-        q_bits=args.q_bits,
+        q_bits=4 if args.q_bits is None else args.q_bits,
         q_group_size=args.q_group_size,
-        q_mode=args.q_mode,
+        q_mode=args.q_mode or "affine",
         quant_recipe=args.quant_recipe,
         tokenizer=args.tokenizer,
         preset=args.preset,
         config=args.config,
         run_verify=not args.no_verify,
+        max_kl=args.max_kl,
         force=args.force,
     )
     return 0
@@ -79,13 +97,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .convert.verify import verify
 
     source = load_source(args.source, preset=args.preset, config_file=args.config)
-    report = verify(source, Path(args.model), num_tokens=args.tokens)
+    tok = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
+    tok = tok if tok.is_file() else source.tokenizer
+    report = verify(source, Path(args.model), num_tokens=args.tokens, tokenizer=tok, max_kl=args.max_kl)
     print(report)
     return 0 if report.passed else 1
 
 
 def _read_prompt(prompt: str) -> str:
     if prompt != "-":
+        try:
+            prompt.encode("utf-8")  # argv that is not UTF-8 arrives with surrogate escapes
+        except UnicodeEncodeError:
+            raise OpenELMError("--prompt is not valid UTF-8; pass text encoded as UTF-8 (or use --prompt -)") from None
         return prompt
     data = sys.stdin.buffer.read()
     try:
@@ -94,7 +118,7 @@ def _read_prompt(prompt: str) -> str:
         raise OpenELMError(f"standard input is not valid UTF-8 (byte {e.start}); pass text encoded as UTF-8") from None
 
 
-BUNDLED_MODEL = Path(__file__).parent / "bundled" / "openelm-tiny-kjv"
+BUNDLED_MODEL = Path(__file__).parent / "bundled" / "openelm-tiny-kjv"  # loading.BUNDLED_MODEL too
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -187,9 +211,17 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_decoding_flags(args: argparse.Namespace) -> None:
+    if args.num_draft_tokens is not None and not args.draft_model:
+        raise OpenELMError("--num-draft-tokens needs --draft-model (prompt-lookup proposes --prompt-lookup N tokens)")
+    if args.draft_model and args.prompt_lookup:
+        raise OpenELMError("--draft-model and --prompt-lookup are alternatives: pass one of them")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import stream_generate
 
+    _check_decoding_flags(args)
     if args.prompts_file:
         return _generate_prompts_file(args)
     prompt = _read_prompt(args.prompt)
@@ -207,7 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             system_prompt=args.system_prompt,
             chat_template=args.chat_template,
             draft_model=draft,
-            num_draft_tokens=args.num_draft_tokens,
+            num_draft_tokens=3 if args.num_draft_tokens is None else args.num_draft_tokens,
             prompt_lookup=args.prompt_lookup,
             stop=args.stop,
         ):
@@ -226,31 +258,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "/reset starts over, /help lists these, /quit ends (or Ctrl-D)"
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
     model, tokenizer, _ = _load_for_generation(args)
+    context = model.config.max_context_length
+    if args.max_tokens >= context:
+        raise OpenELMError(
+            f"--max-tokens {args.max_tokens} is larger than the model's context ({context} tokens); "
+            f"pass at most {context - 64} to leave room for the messages"
+        )
+    template = args.chat_template
+    if template == "auto":
+        template = "instruct" if model.is_instruct else "none"
+        if not model.is_instruct:
+            print(
+                "warning: this is a base model, not an Instruct one: it continues text rather than answering; "
+                "chatting with plain text turns (--chat-template instruct to use Apple's Instruct template)",
+                file=sys.stderr,
+            )
+    sampling = _sampling(args)
     session = ChatSession(
-        model, tokenizer, args.system_prompt, args.max_tokens, sampling=_sampling(args), seed=args.seed
+        model, tokenizer, args.system_prompt, args.max_tokens, sampling=sampling, seed=args.seed, template=template
     )
-    print("openelm-mlx chat: /reset starts over, /quit ends (or Ctrl-D)", file=sys.stderr)
+    print(f"openelm-mlx chat: {CHAT_HELP}", file=sys.stderr)
+    line_no = 0
     while True:
         try:
             print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
+            raw = sys.stdin.buffer.readline()
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 0
-        if not line:
+        if not raw:
             return 0
-        message = line.strip()
+        line_no += 1
+        try:
+            message = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise OpenELMError(f"standard input line {line_no} is not valid UTF-8 (byte {e.start})") from None
         if not message:
             continue
-        if message == "/quit":
-            return 0
-        if message == "/reset":
-            session.reset()
-            print("(conversation reset)", file=sys.stderr)
+        if message.startswith("/") and " " not in message:
+            if message == "/quit":
+                return 0
+            if message == "/reset":
+                session.reset()
+                print("(conversation reset)", file=sys.stderr)
+            elif message == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+            else:
+                print(f"unknown command {message}: {CHAT_HELP}", file=sys.stderr)
             continue
         try:
             for piece in session.send(message):
@@ -261,10 +322,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except OpenELMError as e:
             if "context" not in str(e):
                 raise
-            print(
-                f"\nthe context is full ({model.config.max_context_length} tokens): /reset to start over",
-                file=sys.stderr,
-            )
+            print(f"\nthe context is full ({context} tokens): /reset to start over", file=sys.stderr)
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -285,6 +343,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise OpenELMError(f"{path}: no such text file") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise OpenELMError(f"--text {path}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise OpenELMError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     model, tokenizer = load(_model_path(args), tokenizer=args.tokenizer)
@@ -296,9 +356,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench, format_report, write_json
+    from .loading import read_config
 
+    model = _model_path(args)
+    context = read_config(model)[0].max_context_length
+    if args.prompt_tokens + args.generation_tokens > context:
+        raise OpenELMError(
+            f"-p {args.prompt_tokens} + -g {args.generation_tokens} tokens exceed the model's context ({context})"
+        )
+    if args.json:
+        _check_writable(Path(args.json), "--json")
     report = bench(
-        args.model,
+        model,
         args.prompt_tokens,
         args.generation_tokens,
         args.num_runs,
@@ -312,11 +381,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """Fail before a long run, not after it, when its output cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OpenELMError(f"{flag} {path}: is a directory")
+    if not parent.is_dir():
+        raise OpenELMError(f"{flag} {path}: no such directory {parent}")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise OpenELMError(f"{flag} {path}: not writable")
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a converted model directory (or anything convert reads); default: the bundled one")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument(
+        "--temp", type=_non_negative_float("--temp"), default=0.0, help="sampling temperature; 0 is greedy (default)"
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
@@ -326,9 +408,15 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="Hugging Face semantics, over the whole context; Apple recommends 1.2 for OpenELM",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed reproduces a run")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for sampling: the same seed reproduces a run")
     p.add_argument("--system-prompt", default=None, help="system prompt for Instruct models")
     p.add_argument("--adapter-path", help="a folder written by `openelm-mlx lora`: generate with that adapter")
+    p.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "instruct", "none"],
+        help="auto: the Instruct template for Instruct models, plain text otherwise",
+    )
 
 
 def _positive_int(flag: str) -> Callable[[str], int]:
@@ -344,8 +432,56 @@ def _positive_int(flag: str) -> Callable[[str], int]:
     return parse
 
 
+def _non_negative_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, not {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be 0 or more, not {value}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    from .sampling import SEED_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed takes a whole number, not {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"--seed must be from 0 to 2**64 - 1, not {value}")
+    return value
+
+
+def _non_negative_float(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a number, not {text!r}") from None
+        if not 0 <= value < math.inf:
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number >= 0, not {text}")
+        return value
+
+    return parse
+
+
+def _add_max_kl(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-kl",
+        type=_non_negative_float("--max-kl"),
+        default=None,
+        help="fail when the mean KL divergence from the original weights exceeds this (default: only report it)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openelm-mlx", description="Apple's OpenELM models in MLX.")
+    parser.add_argument("--version", action="version", version=f"openelm-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="per-layer table of a model's shapes, parameters and KV-cache size")
@@ -365,9 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: the fastest safe dtype for this backend (float32 on CPU, bfloat16 on GPU)",
     )
     p.add_argument("-q", "--quantize", action="store_true", help="quantize every Linear and the embedding")
-    p.add_argument("--q-bits", type=int, default=4, help="bits per weight: 2, 3, 4, 5, 6, 8 (affine)")
+    p.add_argument("--q-bits", type=int, default=None, help="bits per weight with -q: 2, 3, 4 (default), 5, 6, 8")
     p.add_argument("--q-group-size", type=int, default=None, help="32, 64 (default for affine) or 128")
-    p.add_argument("--q-mode", default="affine", choices=["affine", "mxfp4", "mxfp8", "nvfp4"])
+    p.add_argument("--q-mode", default=None, choices=["affine", "mxfp4", "mxfp8", "nvfp4"], help="default affine")
     p.add_argument(
         "--quant-recipe",
         default=None,
@@ -377,15 +513,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="shapes for a bare checkpoint: 270M, 450M, 1_1B, 3B")
     p.add_argument("--config", help="shapes for a bare checkpoint: an HF config.json or a CoreNet YAML")
     p.add_argument("--no-verify", action="store_true", help="skip the check against the float64 reference")
-    p.add_argument("--force", action="store_true", help="replace an existing --mlx-path")
+    _add_max_kl(p)
+    p.add_argument(
+        "--force",
+        action="count",
+        default=0,
+        help="replace an earlier conversion at --mlx-path; twice (--force --force) to replace anything else there",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="compare a converted model with the float64 reference on its source weights")
     p.add_argument("--source", required=True, help="what was converted: Hub repo id, HF folder or checkpoint file")
     p.add_argument("--model", required=True, help="the converted MLX directory")
-    p.add_argument("--tokens", type=int, default=32, help="sequence length to compare (default 32)")
+    p.add_argument(
+        "--tokens", type=_positive_int("--tokens"), default=32, help="sequence length to compare (default 32)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer.model for the text (default: the model directory's or the source's)")
     p.add_argument("--preset", help="shapes for a bare checkpoint source")
     p.add_argument("--config", help="config.json or CoreNet YAML for a bare checkpoint source")
+    _add_max_kl(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="generate text, streamed to stdout; figures go to stderr")
@@ -407,17 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="stop at this text (not output); repeatable"
     )
-    p.add_argument(
-        "--chat-template",
-        default="auto",
-        choices=["auto", "instruct", "none"],
-        help="auto: the Instruct template for Instruct models, plain text otherwise",
-    )
     p.add_argument("--draft-model", help="a smaller OpenELM for speculative decoding")
-    p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens the draft model proposes per step")
+    p.add_argument(
+        "--num-draft-tokens",
+        type=_positive_int("--num-draft-tokens"),
+        default=None,
+        help="tokens the draft model proposes per step (default 3)",
+    )
     p.add_argument(
         "--prompt-lookup",
-        type=int,
+        type=_non_negative_int("--prompt-lookup"),
         default=0,
         metavar="N",
         help="prompt-lookup decoding: propose N tokens copied from the context (Apple uses 10)",
@@ -438,11 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="prompt/decode speed against mlx_lm on the same converted weights")
-    p.add_argument("--model", required=True, help="a converted model directory")
-    p.add_argument("-p", "--prompt-tokens", type=int, default=128)
-    p.add_argument("-g", "--generation-tokens", type=int, default=128)
-    p.add_argument("-n", "--num-runs", type=int, default=5)
-    p.add_argument("--compare", default="mlx-lm", choices=["mlx-lm", "none"])
+    p.add_argument("--model", help="a converted model directory (default: the bundled one)")
+    p.add_argument("-p", "--prompt-tokens", type=_positive_int("-p"), default=128, help="prompt length (default 128)")
+    p.add_argument(
+        "-g", "--generation-tokens", type=_positive_int("-g"), default=128, help="tokens to generate (default 128)"
+    )
+    p.add_argument("-n", "--num-runs", type=_positive_int("-n"), default=5, help="timed runs (default 5)")
+    p.add_argument("--compare", default="mlx-lm", choices=["mlx-lm", "none"], help="also time mlx_lm (default mlx-lm)")
     p.add_argument(
         "--batch",
         type=_positive_int("--batch"),
@@ -452,28 +599,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
+    from .conversion_cache import add_parser as add_cache_parser
     from .server.cli import add_parser as add_serve_parser
     from .tuner.cli import add_parsers as add_tuner_parsers
 
+    add_cache_parser(sub)
     add_serve_parser(sub)
     add_tuner_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if argv is None:  # a real command line: restart once on a fast BLAS if one is installed
-        from .blas import use_fast_blas
+    command = "openelm-mlx"
+    try:  # Ctrl-C while MLX and the model load is an interruption, not a traceback
+        args = build_parser().parse_args(argv)
+        command = f"openelm-mlx {args.command}"
+        if argv is None:  # a real command line: restart once on a fast BLAS if one is installed
+            from .blas import use_fast_blas
 
-        use_fast_blas()
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
+            use_fast_blas()
+        if os.environ.get("OPENELM_MLX_MATMUL"):
+            from . import cpu
+
+            cpu._choice()  # refuse a bogus value now, not once generation has started
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except OpenELMError as e:
-        print(f"openelm-mlx {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"openelm-mlx {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 

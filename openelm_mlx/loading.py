@@ -70,6 +70,8 @@ def load_model(model_dir: str | Path) -> OpenELM:
     model = OpenELM(config)
     quant = raw.get("quantization")
     if quant is not None:
+        # Shapes first: a wrong model_dim would otherwise surface as a quantization error.
+        _check_unquantized_shapes(model, weights, model_dir / "config.json")
         if not isinstance(quant, dict) or not {"group_size", "bits"} <= quant.keys():
             raise ConfigError(f"{model_dir / 'config.json'}: quantization block needs group_size and bits")
         try:
@@ -89,6 +91,17 @@ def load_model(model_dir: str | Path) -> OpenELM:
     meta = raw.get("openelm_mlx") if isinstance(raw.get("openelm_mlx"), dict) else {}
     model.is_instruct = bool(meta.get("instruct")) or "instruct" in model_dir.name.lower()
     return model
+
+
+def _check_unquantized_shapes(model: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    for name, value in weights.items():
+        quantized = f"{name.rsplit('.', 1)[0]}.scales" in weights
+        if name in expected and not quantized and value.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {list(value.shape)}, the config expects "
+                f"{list(expected[name].shape)}; its shapes (model_dim, head_dim, heads) do not match the weights"
+            )
 
 
 def check_finite(weights: dict[str, mx.array], where: Path) -> None:
@@ -126,20 +139,37 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path, q
             )
 
 
+BUNDLED_MODEL = Path(__file__).parent / "bundled" / "openelm-tiny-kjv"
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
 def load(
-    path_or_repo: str | Path, tokenizer: str | Path | None = None, adapter_path: str | Path | None = None
+    path_or_repo: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    adapter_path: str | Path | None = None,
 ) -> tuple[OpenELM, Tokenizer]:
     """(model, tokenizer) from a converted directory, an HF folder with safetensors, or anything
     ``convert`` reads (a Hub repo id, .bin folder, CoreNet file), converted once into a cache.
+    Without a path: the bundled OpenELM-tiny-KJV (offline, 4.7M parameters).
     ``adapter_path``: a folder written by ``openelm-mlx lora``, applied on top (tuner/lora.py)."""
     from .convert.hub import looks_like_repo_id
 
+    if path_or_repo is None:
+        path_or_repo = BUNDLED_MODEL
+    text = str(path_or_repo)
     path = Path(path_or_repo).expanduser()
+    if path.is_file() and path.suffix not in CHECKPOINT_SUFFIXES:
+        raise OpenELMError(
+            f"{text}: not a model: pass a converted model directory, a Hub repo id, or a "
+            ".safetensors/.bin/.pt checkpoint (with a config.json beside it)"
+        )
+    if not path.exists() and (not looks_like_repo_id(text) or looks_local_path(text)):
+        raise OpenELMError(f"{text}: no such file or directory")
     convertible = path.is_file() or (
         path.is_dir() and (path / "config.json").is_file() and not any(path.glob("model*.safetensors"))
     )
-    if convertible or (not path.exists() and looks_like_repo_id(str(path_or_repo))):
-        path = _convert_into_cache(str(path_or_repo))
+    if convertible or not path.exists():
+        path = _convert_into_cache(text)
     model = load_model(path)
     model.source_dir = path
     if adapter_path is not None:
@@ -160,17 +190,12 @@ def load(
     return model, tok
 
 
+def looks_local_path(text: str) -> bool:
+    """'models/typo' when ./models exists: a mistyped path, not a Hub repo."""
+    return Path(text).expanduser().parent.is_dir() and Path(text).parent != Path(".")
+
+
 def _convert_into_cache(src: str) -> Path:
-    import hashlib
-    import os
-    import sys
+    from .conversion_cache import convert_into_cache
 
-    from .convert.pipeline import convert
-
-    root = Path(os.environ.get("OPENELM_MLX_CACHE", Path.home() / ".cache" / "openelm-mlx"))
-    dst = root / (Path(src).name + "-" + hashlib.sha1(src.encode()).hexdigest()[:8])
-    if not (dst / "config.json").is_file():
-        print(f"converting {src} into {dst} (once) ...", file=sys.stderr)
-        root.mkdir(parents=True, exist_ok=True)
-        convert(src, dst, force=True)
-    return dst
+    return convert_into_cache(src)

@@ -6,6 +6,7 @@ whole context (prompt and generated tokens), then temperature, top-k, top-p, min
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,16 +24,24 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temp < 0:
-            raise OpenELMError(f"--temp {self.temp}: must be >= 0")
+        if not 0 <= self.temp < math.inf:  # also refuses NaN
+            raise OpenELMError(f"--temp {self.temp}: must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise OpenELMError(f"--top-p {self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
             raise OpenELMError(f"--top-k {self.top_k}: must be >= 0 (0 disables it)")
         if not 0 <= self.min_p < 1:
             raise OpenELMError(f"--min-p {self.min_p}: must be in [0, 1)")
-        if self.repetition_penalty <= 0:
-            raise OpenELMError(f"--repetition-penalty {self.repetition_penalty}: must be > 0")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise OpenELMError(f"--repetition-penalty {self.repetition_penalty}: must be a finite number > 0")
+
+
+SEED_LIMIT = 2**64  # MLX's random keys take an unsigned 64-bit seed
+
+
+def check_seed(seed: object) -> None:
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT):
+        raise OpenELMError(f"--seed {seed}: must be a whole number from 0 to 2**64 - 1")
 
 
 def apply_repetition_penalty(logits: mx.array, context: mx.array, penalty: float) -> mx.array:
@@ -74,6 +83,7 @@ def make_sampler(opts: SamplingOptions, seed: int | None = None) -> Callable[[mx
     With a seed, every call draws from its own split of one key, so a seeded run
     reproduces exactly; greedy decoding (temp 0) ignores the seed.
     """
+    check_seed(seed)
     key = [mx.random.key(seed)] if seed is not None else None
 
     def sample(logits: mx.array, context: mx.array) -> mx.array:

@@ -88,14 +88,20 @@ def _shards(weights: dict, n: int) -> list[dict]:
     return [{k: weights[k] for k in names[i : i + size]} for i in range(0, len(names), size)]
 
 
-def write_hf_folder(folder, config, weights, fmt="safetensors", shards=1, dtype="float32", tokenizer=True):
+def write_hf_folder(
+    folder, config, weights, fmt="safetensors", shards=1, dtype="float32", tokenizer=True, config_overrides=None
+):
     """An HF OpenELM folder: config.json + model.safetensors / pytorch_model.bin, optionally sharded."""
     import json
     from pathlib import Path
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    # An untied HF checkpoint says so twice, as Apple's code needs (tests/test_apple_layouts.py);
+    # an override of None leaves a key out.
+    raw = {**config.to_dict(), **({} if config.share_input_output_layers else {"tie_word_embeddings": False})}
+    raw = {k: v for k, v in {**raw, **(config_overrides or {})}.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(raw))
     parts = _shards(weights, shards)
     if fmt == "safetensors":
         torch = require_torch() if dtype == "bfloat16" else None
@@ -131,6 +137,32 @@ def write_hf_folder(folder, config, weights, fmt="safetensors", shards=1, dtype=
     if tokenizer:
         train_tokenizer(folder / "tokenizer.model", config.vocab_size)
     return folder
+
+
+def write_apple_untied(folder, config, weights, tie_word_embeddings=None, fmt="safetensors", seed=7):
+    """What Apple's HF code saves with ``share_input_output_layers: false``: OpenELMModel's unused
+    ``transformer.classifier.weight`` always; ``lm_head.weight`` only when ``tie_word_embeddings``
+    is false too (transformers' default, true, ties lm_head to the embedding and save_pretrained
+    drops it). ``config`` and ``weights`` describe the model as it runs (tied unless both are false);
+    ``tie_word_embeddings=None`` leaves the key out of config.json, as Apple's configuration does."""
+    untied = tie_word_embeddings is False
+    assert config.share_input_output_layers is not untied, "pass the config as Apple's code runs it"
+    rng = np.random.default_rng(seed)
+    saved = {k: v for k, v in weights.items() if k != "lm_head.weight" or untied}
+    saved["transformer.classifier.weight"] = rng.standard_normal((config.vocab_size, config.model_dim)).astype(
+        np.float32
+    )
+    overrides = {"share_input_output_layers": False, "tie_word_embeddings": tie_word_embeddings}
+    return write_hf_folder(folder, config, saved, fmt=fmt, tokenizer=False, config_overrides=overrides)
+
+
+def std_weights(config: OpenELMConfig, std: float = 0.02, seed: int = 0) -> dict[str, np.ndarray]:
+    """Weights as Apple's initialiser draws them: N(0, std) matrices, norms at 1 (float32)."""
+    rng = np.random.default_rng(seed)
+    return {
+        n: np.ones(s, np.float32) if len(s) == 1 else rng.standard_normal(s, dtype=np.float32) * np.float32(std)
+        for n, s in config.weight_shapes().items()
+    }
 
 
 def write_corenet_checkpoint(path, weights, training=False, dtype="float32"):

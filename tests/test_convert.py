@@ -60,7 +60,7 @@ def test_hf_folder_round_trip(tmp_path, fmt, shards, dtype):
     weights = random_weights(config)
     src = write_hf_folder(tmp_path / "src", config, weights, fmt=fmt, shards=shards, dtype=dtype)
     result = convert(str(src), tmp_path / "out", dtype="float32", **QUIET)
-    assert result.report.passed and result.report.max_rel_err < 1e-4
+    assert result.report.passed and result.report.correctness.logit_err < 1e-4
     assert result.tokenizer and (tmp_path / "out" / "tokenizer.model").is_file()
     if dtype == "bfloat16":  # the reference sees the same rounded weights the converter read
         import torch
@@ -221,6 +221,9 @@ def test_destination_is_never_touched_without_force(tmp_path):
     assert out.returncode == 1 and "--force" in out.stderr and "Traceback" not in out.stderr
     assert (dst / "mine.txt").read_text() == "keep me"
     out = cli("convert", "--hf-path", str(src), "--mlx-path", str(dst), "--force")
+    assert out.returncode == 1 and "did not write (mine.txt)" in out.stderr  # not an earlier conversion
+    assert (dst / "mine.txt").read_text() == "keep me"
+    out = cli("convert", "--hf-path", str(src), "--mlx-path", str(dst), "--force", "--force")
     assert out.returncode == 0, out.stderr
     assert not (dst / "mine.txt").exists() and (dst / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
