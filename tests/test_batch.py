@@ -85,7 +85,7 @@ def test_plain_lines_are_prompts(bundled, tmp_path, capsys):
         ('{"prompt": "a", "stop": [1]}\n', ':1: "stop" must be a string or a list of strings'),
         ('{"prompt": "a"}\n[1, 2]\n', ":2: expected a JSON object"),
         ('{"prompt": "a"}\n{"prompt": "b", "max_tokens": 5000}\n', ":2: the prompt (2 tokens) plus --max-tokens 5000"),
-        ('{"prompt": "a", "temp": -1}\n', ":1: --temp -1: must be >= 0"),
+        ('{"prompt": "a", "temp": -1}\n', ":1: --temp -1: must be a finite number >= 0"),
         ("\n\n", "holds no prompts"),
     ],
 )
