@@ -50,7 +50,7 @@ def served():
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(tmp_path_factory):
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
@@ -58,6 +58,7 @@ def browser():
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,800"):
         options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")  # nothing left in /tmp
     # Without LD_PRELOAD: CI preloads OpenBLAS for the in-process tests, and Chromium crashes with it.
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     driver = webdriver.Chrome(service=Service(DRIVER, env=env), options=options)
