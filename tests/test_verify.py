@@ -80,6 +80,24 @@ def src_270m(tmp_path_factory):
     return _model_270m(tmp_path_factory.mktemp("270m"))
 
 
+def test_270m_width_4bit_passes(tmp_path):
+    # The first and last layers of the real 270M (model_dim 1280, head_dim 64, vocab 32000) with
+    # Apple's N(0, 0.02) initialisation: the fast version of the test below.
+    full = OpenELMConfig.from_preset("270M")
+    config = OpenELMConfig(
+        num_transformer_layers=2,
+        model_dim=1280,
+        head_dim=64,
+        num_query_heads=[full.num_query_heads[0], full.num_query_heads[-1]],
+        num_kv_heads=[full.num_kv_heads[0], full.num_kv_heads[-1]],
+        ffn_multipliers=[full.ffn_multipliers[0], full.ffn_multipliers[-1]],
+    )
+    src = write_hf_folder(tmp_path / "src", config, std_weights(config, 0.02), tokenizer=False)
+    r = convert(str(src), tmp_path / "q4", quantize_model=True, **QUIET).report
+    assert r.passed and r.correctness.tensor_ratio <= 1.0 and r.correctness.logit_err < 1e-4, str(r)
+
+
+@pytest.mark.slow
 def test_270m_shape_4bit_passes(tmp_path, src_270m):
     # The case: the real 270M shape, weights N(0, 0.02), `convert -q`. It used to fail with
     # "max |logit error| / logit scale = 4.85e-01 (limit 4e-01)" and write nothing.
