@@ -396,9 +396,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a converted model directory (or anything convert reads); default: the bundled one")
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of the model directory's")
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    p.add_argument(
-        "--temp", type=_non_negative_float("--temp"), default=0.0, help="sampling temperature; 0 is greedy (default)"
-    )
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
@@ -479,8 +477,15 @@ def _add_max_kl(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """A malformed flag is one line too (``--help`` still shows the usage); subcommands inherit it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openelm-mlx", description="Apple's OpenELM models in MLX.")
+    parser = _Parser(prog="openelm-mlx", description="Apple's OpenELM models in MLX.")
     parser.add_argument("--version", action="version", version=f"openelm-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -8,6 +8,7 @@ does not say what the source says.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,6 +80,24 @@ def src_270m(tmp_path_factory):
     return _model_270m(tmp_path_factory.mktemp("270m"))
 
 
+def test_270m_width_4bit_passes(tmp_path):
+    # The first and last layers of the real 270M (model_dim 1280, head_dim 64, vocab 32000) with
+    # Apple's N(0, 0.02) initialisation: the fast version of the test below.
+    full = OpenELMConfig.from_preset("270M")
+    config = OpenELMConfig(
+        num_transformer_layers=2,
+        model_dim=1280,
+        head_dim=64,
+        num_query_heads=[full.num_query_heads[0], full.num_query_heads[-1]],
+        num_kv_heads=[full.num_kv_heads[0], full.num_kv_heads[-1]],
+        ffn_multipliers=[full.ffn_multipliers[0], full.ffn_multipliers[-1]],
+    )
+    src = write_hf_folder(tmp_path / "src", config, std_weights(config, 0.02), tokenizer=False)
+    r = convert(str(src), tmp_path / "q4", quantize_model=True, **QUIET).report
+    assert r.passed and r.correctness.tensor_ratio <= 1.0 and r.correctness.logit_err < 1e-4, str(r)
+
+
+@pytest.mark.slow
 def test_270m_shape_4bit_passes(tmp_path, src_270m):
     # The issue's case: the real 270M shape, weights N(0, 0.02), `convert -q`. It used to fail with
     # "max |logit error| / logit scale = 4.85e-01 (limit 4e-01)" and write nothing.
@@ -91,8 +110,14 @@ def test_270m_shape_4bit_passes(tmp_path, src_270m):
     assert not r.quality.on_text and np.isfinite(r.quality.kl)
 
 
+# Each 270M-shape conversion with its verification takes 30-60 s on the 2-core CI machine: CI runs
+# the hardest cases (2 bits, the widest 8 bits, a mixed recipe); OPENELM_FULL_SWEEP=1 runs every
+# width, recipe and fp mode (all pass; figures in convert/verify.py's comments).
+SWEEP_270M = WIDTHS + RECIPES + FP_MODES if os.environ.get("OPENELM_FULL_SWEEP") else [2, 8, "mixed_2_6"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("what", WIDTHS + RECIPES + FP_MODES)
+@pytest.mark.parametrize("what", SWEEP_270M)
 def test_270m_shape_every_width_and_recipe(tmp_path, src_270m, what):
     result = convert(str(src_270m), tmp_path / "out", **_kwargs(what), **QUIET)
     assert result.report.passed, str(result.report)
