@@ -11,8 +11,9 @@ fresh process doing 2 x --steps updates; the figure is the second report window'
 tokens/s (compilation and warm-up fall in the first) and the process's peak MLX memory.  The
 runs alternate between the trainers; the table has the medians.
 
-Models: the bundled OpenELM-tiny-KJV (float32, and 4-bit for QLoRA), and the 270M layer shapes with random weights and the
-bundled 4096-piece tokenizer (mlx_lm needs a tokenizer matching the vocabulary).
+Models: the bundled OpenELM-tiny-KJV (float32, and 4-bit for QLoRA), and the 270M layer shapes
+with random weights and the bundled 4096-piece tokenizer (mlx_lm needs a tokenizer matching the
+vocabulary).
 """
 
 from __future__ import annotations
