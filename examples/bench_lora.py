@@ -11,8 +11,9 @@ fresh process doing 2 x --steps updates; the figure is the second report window'
 tokens/s (compilation and warm-up fall in the first) and the process's peak MLX memory.  The
 runs alternate between the trainers; the table has the medians.
 
-Models: the bundled OpenELM-tiny-KJV, and the 270M layer shapes with random weights and the
-bundled 4096-piece tokenizer (mlx_lm needs a tokenizer matching the vocabulary).
+Models: the bundled OpenELM-tiny-KJV (float32, and 4-bit for QLoRA), and the 270M layer shapes
+with random weights and the bundled 4096-piece tokenizer (mlx_lm needs a tokenizer matching the
+vocabulary).
 """
 
 from __future__ import annotations
@@ -66,9 +67,15 @@ def make_models(work: Path) -> dict[str, Path]:
     from openelm_mlx import OpenELMConfig
 
     cli = [sys.executable, "-m", "openelm_mlx.cli", "convert", "--dtype", "float32", "--no-verify"]
-    models = {"bundled (4.7M)": work / "tiny-f32", "270M shape, vocab 4096": work / "270m-f32"}
+    models = {
+        "bundled (4.7M)": work / "tiny-f32",
+        "bundled 4-bit (QLoRA)": work / "tiny-q4",
+        "270M shape, vocab 4096": work / "270m-f32",
+    }
     if not models["bundled (4.7M)"].exists():
         run([*cli, "--hf-path", str(BUNDLED), "--mlx-path", str(models["bundled (4.7M)"])])
+    if not models["bundled 4-bit (QLoRA)"].exists():
+        run([*cli, "--hf-path", str(BUNDLED), "--mlx-path", str(models["bundled 4-bit (QLoRA)"]), "-q"])
     src = work / "270m-src"
     if not models["270M shape, vocab 4096"].exists():
         if not src.exists():
