@@ -604,13 +604,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
+    from .compare import add_parser as add_compare_parser
     from .conversion_cache import add_parser as add_cache_parser
+    from .harness import add_parser as add_evaluate_parser
     from .server.cli import add_parser as add_serve_parser
     from .tuner.cli import add_parsers as add_tuner_parsers
 
     add_cache_parser(sub)
     add_serve_parser(sub)
     add_tuner_parsers(sub)
+    add_evaluate_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

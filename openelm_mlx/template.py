@@ -28,14 +28,28 @@ def format_prompt(prompt: str, instruct: bool, system_prompt: str | None = None,
     return prompt
 
 
-def format_messages(turns: list[tuple[str, str]], instruct: bool) -> str:
-    """A whole conversation (``(role, text)`` with roles system, user, assistant), ready for the
-    reply.  Instruct models: the template above, each turn closed by EOS (so a resent
-    conversation tokenizes as the chat CLI's kept history does).  Base models have no template:
-    they get a plain transcript, ``System text\\n\\nUser: ...\\nAssistant: ...\\nAssistant:``."""
+ROLES = ("system", "user", "assistant")
+
+
+def format_messages(turns: list[tuple[str, str]], instruct: bool, add_generation_prompt: bool = True) -> str:
+    """A whole conversation (``(role, text)`` with roles system, user, assistant).
+
+    Instruct models: the template above, each turn closed by EOS (so a resent conversation
+    tokenizes as the chat CLI's kept history does), then the opening of the reply; without
+    ``add_generation_prompt`` a last assistant turn is left open, to be continued (lm-eval's
+    few-shot chat rendering).  Base models have no template: they get a plain transcript,
+    ``System text\\n\\nUser: ...\\nAssistant: ...\\nAssistant:``."""
+    for role, _ in turns:
+        if role not in ROLES:
+            raise OpenELMError(f"message role {role!r}: expected one of {', '.join(ROLES)}")
+    open_end = not add_generation_prompt and bool(turns) and turns[-1][0] == "assistant"
     if instruct:
-        marker = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-        return "".join(f"{marker[role]}\n{text}</s>\n" for role, text in turns) + "<|assistant|>\n"
+        text = "".join(f"<|{role}|>\n{body}</s>\n" for role, body in turns)
+        if open_end:
+            return text[: -len("</s>\n")]
+        return text + ("<|assistant|>\n" if add_generation_prompt else "")
     label = {"user": "User: ", "assistant": "Assistant: "}
-    parts = [f"{text}\n\n" if role == "system" else f"{label[role]}{text}\n" for role, text in turns]
-    return "".join(parts) + "Assistant:"
+    parts = [f"{body}\n\n" if role == "system" else f"{label[role]}{body}\n" for role, body in turns]
+    if open_end:
+        return "".join(parts)[:-1]
+    return "".join(parts) + ("Assistant:" if add_generation_prompt else "")

@@ -82,6 +82,19 @@ def require_torch():
     return pytest.importorskip("torch")
 
 
+def require_lm_eval():
+    """lm-eval (the [eval] extra); CI sets OPENELM_REQUIRE_EVAL so a missing lm-eval fails instead of skipping."""
+    import os
+
+    import pytest
+
+    if os.environ.get("OPENELM_REQUIRE_EVAL"):
+        import lm_eval
+
+        return lm_eval
+    return pytest.importorskip("lm_eval")
+
+
 def _shards(weights: dict, n: int) -> list[dict]:
     names = list(weights)
     size = -(-len(names) // n)

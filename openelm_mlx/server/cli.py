@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import signal
 import socket
@@ -85,8 +84,6 @@ def load_models(args: argparse.Namespace) -> tuple[dict[str, ServedModel], Any]:
 
     kwargs: dict[str, Any] = {"tokenizer": args.tokenizer}
     if args.adapter_path:
-        if "adapter_path" not in inspect.signature(load).parameters:
-            raise OpenELMError("--adapter-path: adapters are not supported yet")
         kwargs["adapter_path"] = args.adapter_path
     models: dict[str, ServedModel] = {}
     for path in args.model or [str(BUNDLED_MODEL)]:
