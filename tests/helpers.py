@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import numpy as np
 
@@ -211,3 +213,26 @@ def write_corenet_checkpoint(path, weights, training=False, dtype="float32"):
 def corenet_config(**overrides):
     """A small layer-wise-scaled config with the real vocabulary (CoreNet pads it to 32128)."""
     return OpenELMConfig.scaled(num_transformer_layers=3, model_dim=64, head_dim=16, vocab_size=32000, **overrides)
+
+
+@contextmanager
+def running_server(models: dict, settings=None, **kw):
+    """``openelm-mlx serve``'s real uvicorn server on a free loopback port, in a thread; yields its URL."""
+    import threading
+    import time
+
+    from openelm_mlx.server.cli import build_server
+
+    server = build_server(models, settings=settings, log_level="warning", **kw)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.sock.getsockname()[1]}"
+    finally:
+        server.stop()
+        thread.join(30)
+        assert not thread.is_alive()

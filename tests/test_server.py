@@ -11,10 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import openai
 import pytest
+from helpers import running_server as running
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +29,6 @@ from openelm_mlx.cli import main
 from openelm_mlx.generate import generate
 from openelm_mlx.loading import load
 from openelm_mlx.server.app import Settings
-from openelm_mlx.server.cli import build_server
 from openelm_mlx.server.protocol import Limits, ServedModel
 
 BUNDLED = Path(__file__).resolve().parents[1] / "openelm_mlx" / "bundled" / "openelm-tiny-kjv"
@@ -38,23 +36,6 @@ BASE, INSTRUCT = "openelm-tiny-kjv", "openelm-tiny-kjv-instruct"
 KEY = "test-key-123"
 PROMPT_CACHE_BYTES = 24 * 2**20  # small, so the soak test fills it during its warm-up
 LOGPROB_TOL = 1e-4  # float32 engine vs float64 reference, log-probabilities in nats
-
-
-@contextmanager
-def running(models: dict[str, ServedModel], settings: Settings, **kw):
-    server = build_server(models, settings=settings, log_level="warning", **kw)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.sock.getsockname()[1]}"
-    finally:
-        server.stop()
-        thread.join(30)
-        assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")

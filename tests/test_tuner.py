@@ -521,13 +521,12 @@ def test_full_fine_tune_trains_whole_blocks_and_fuses(tmp_path, work):
 def test_serve_applies_the_adapter(tmp_path):
     """``serve --adapter-path``: a real server on a loopback port answers as base + adapter."""
     import argparse
-    import threading
-    import time
 
     import openai
+    from helpers import running_server
 
     from openelm_mlx.generate import generate
-    from openelm_mlx.server.cli import add_parser, build_server, load_models
+    from openelm_mlx.server.cli import add_parser, load_models
 
     adapter = tmp_path / "adapter"
     _random_adapter(adapter, "lora", list(lora.TARGETS))
@@ -535,21 +534,9 @@ def test_serve_applies_the_adapter(tmp_path):
     add_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", str(BUNDLED), "--adapter-path", str(adapter)])
     models, _ = load_models(args)
-    served = models[BUNDLED.name]
     expected = generate(*load(BUNDLED, adapter_path=adapter), "And God said", max_tokens=16)
     assert expected != generate(*load(BUNDLED), "And God said", max_tokens=16)  # the adapter matters
-    server = build_server(models, log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        url = f"http://127.0.0.1:{server.sock.getsockname()[1]}/v1"
-        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-        r = c.completions.create(model=served.name, prompt="And God said", max_tokens=16, temperature=0)
+    with running_server(models) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.completions.create(model=BUNDLED.name, prompt="And God said", max_tokens=16, temperature=0)
         assert r.choices[0].text == expected
-    finally:
-        server.stop()
-        thread.join(30)
