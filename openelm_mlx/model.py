@@ -111,11 +111,15 @@ class Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offsets)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offsets)
         fetched = [c.update_and_fetch(k[i : i + 1], v[i : i + 1]) for i, c in enumerate(caches)]
-        buffers = {c.keys.shape[2] for c in caches}
-        if len(buffers) == 1 and caches[0].keys[0].nbytes <= STACKED_ATTENTION_MAX_BYTES:
-            keys = mx.concatenate([c.keys for c in caches])
-            values = mx.concatenate([c.values for c in caches])
-            mask = (mx.arange(keys.shape[2])[None] <= offsets[:, None])[:, None, None, :]
+        # Eager caches (int offsets) stack only the positions written so far; the compiled step's
+        # fixed buffers stack whole.
+        eager = all(isinstance(c, KVCache) for c in caches)
+        span = max(c.offset for c in caches) if eager else caches[0].keys.shape[2]
+        fits = all(c.keys.shape[2] >= span for c in caches) if eager else len({c.keys.shape[2] for c in caches}) == 1
+        if fits and caches[0].keys[0].nbytes <= STACKED_ATTENTION_MAX_BYTES:
+            keys = mx.concatenate([c.keys[..., :span, :] for c in caches])
+            values = mx.concatenate([c.values[..., :span, :] for c in caches])
+            mask = (mx.arange(span)[None] <= offsets[:, None])[:, None, None, :]
             return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
         rows = [
             mx.fast.scaled_dot_product_attention(q[i : i + 1], ks, vs, scale=self.scale, mask=None)

@@ -140,3 +140,17 @@ def test_quantized_matmul_routes_equal_mlx(mode, bits, group_size, rows):
     assert ours.shape == (1, rows, 97)
     scale = float(mx.abs(expected).max())
     assert float(mx.abs(ours - expected).max()) / scale < 1e-5  # float32 summation order only
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 12, 16, 17])
+def test_numpy_matmul_every_row_count_equals_mlx(routes, rows):
+    """One row (gemv), two (two gemvs), row blocks padded to GEMM_ROW_BLOCK, and past MAX_DECODE_ROWS."""
+    routes("numpy")
+    rng = np.random.default_rng(rows)
+    x = mx.array(rng.standard_normal((rows, 96), dtype=np.float32))
+    w = mx.array(rng.standard_normal((200, 96), dtype=np.float32))
+    with cpu.inference():
+        ours = cpu.matmul_t(x, w)
+    expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert ours.shape == (rows, 200)
+    assert np.abs(np.asarray(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
