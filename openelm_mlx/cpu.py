@@ -42,9 +42,10 @@ ENV = "OPENELM_MLX_MATMUL"
 # took 8 ms against 20 ms in MLX on OpenBLAS and 119 ms on the reference BLAS (2.1 ms for one row).
 MAX_DECODE_ROWS = 16
 # From this many rows a quantized matmul dequantizes and calls the BLAS: MLX's CPU quantized matmul
-# costs about the same per row as one dequantize does in all (4-bit 1280 x 10240: 7.6 ms per row on
-# two streams, 19-57 ms to dequantize; so 4 rows and more).
-QUANTIZED_DEQUANTIZE_MIN_ROWS = 4
+# costs a fixed amount per row (4-bit 1280 x 10240: 7.6 ms per row on two streams), dequantizing a
+# fixed amount in all (19-57 ms).  A whole 270M 4-bit decode step of the batched engine: 426 ms
+# with 4 rows through the quantized matmul against 552 ms dequantizing; 8 rows 824 against 500 ms.
+QUANTIZED_DEQUANTIZE_MIN_ROWS = 6
 # Below this many float32 weight bytes per layer, decoding is faster in the compiled MLX step
 # (step.py) than eagerly through NumPy's gemv: with small matrices the per-op cost of the eager
 # step outweighs sgemm's repacking.  Measured here (8-16 layers, random weights; eager / compiled

@@ -128,7 +128,7 @@ def test_dequantize_equals_mlx(bits, group_size):
 
 
 @pytest.mark.parametrize("mode, bits, group_size", [("affine", 4, 64), ("affine", 3, 32), ("mxfp4", 4, 32)])
-@pytest.mark.parametrize("rows", [1, 4, 24])  # decoding, speculative verification, a prompt
+@pytest.mark.parametrize("rows", [1, 4, 6, 24])  # decoding, a batch or speculative verification, a prompt
 def test_quantized_matmul_routes_equal_mlx(mode, bits, group_size, rows):
     # 97 output rows: the two streams get unequal halves.
     w = mx.random.normal((97, 256), key=mx.random.key(1))
