@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
-import os
 import re
 import statistics
 import subprocess
@@ -102,11 +101,9 @@ def theirs(model: Path, data: Path, out: Path, a: argparse.Namespace) -> tuple[f
     cmd = [sys.executable, __file__, "--mlx-lm-worker", str(model), str(data), str(out)]
     cmd += ["--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length)]
     # The openelm-mlx CLI restarts itself on OpenBLAS when it is installed (blas.py): give mlx_lm the same BLAS.
-    from openelm_mlx.blas import find_fast_blas
+    from openelm_mlx.blas import fast_blas_env
 
-    env = dict(os.environ)
-    if find_fast_blas() and find_fast_blas() not in env.get("LD_PRELOAD", ""):
-        env["LD_PRELOAD"] = f"{find_fast_blas()} {env.get('LD_PRELOAD', '')}".strip()
+    env = fast_blas_env()
     info = json.loads(re.findall(r'\{"tokens_per_second".*\}', run(cmd, env))[-1])
     return info["tokens_per_second"], info["peak_memory"]
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+
+from openelm_mlx.blas import fast_blas_env
 
 WORDS = "In the beginning God created the heaven and the earth And the earth was without form and void".split()
 
@@ -35,7 +36,9 @@ def start(kind: str, model: str, port: int, concurrency: int) -> subprocess.Pope
         cmd += ["--max-concurrency", str(max(concurrency, 1)), "--log-level", "warning"]
     else:
         cmd = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port), "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    # The openelm-mlx CLI restarts itself on OpenBLAS when it is installed (blas.py): mlx_lm gets the same BLAS.
+    env = fast_blas_env()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

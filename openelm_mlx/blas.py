@@ -41,15 +41,23 @@ def find_fast_blas() -> str | None:
     return next((c for c in _CANDIDATES if Path(c).exists() and _has_cblas(c)), None)
 
 
+def fast_blas_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with the fast BLAS preloaded, when there is one: what the
+    CLI runs on, for a process started beside it (the benchmarks give mlx_lm the same BLAS)."""
+    env = dict(os.environ if env is None else env)
+    lib = find_fast_blas() if sys.platform.startswith("linux") else None
+    if lib is not None and lib not in env.get("LD_PRELOAD", ""):
+        env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
+    return env
+
+
 def use_fast_blas() -> None:
     """On Linux, restart this process once with a fast BLAS preloaded (before MLX loads)."""
     if not sys.platform.startswith("linux") or os.environ.get(_MARK):
         return
-    lib = find_fast_blas()
-    if lib is None or lib in os.environ.get("LD_PRELOAD", ""):
-        return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = (lib + " " + env.get("LD_PRELOAD", "")).strip()
+    env = fast_blas_env()
+    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+        return  # none installed, or already preloaded
     env[_MARK] = "1"
     try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

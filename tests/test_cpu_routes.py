@@ -154,3 +154,17 @@ def test_numpy_matmul_every_row_count_equals_mlx(routes, rows):
     expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
     assert ours.shape == (rows, 200)
     assert np.abs(np.asarray(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_fast_blas_env_preloads_once_and_honours_the_opt_out(monkeypatch):
+    from openelm_mlx import blas
+
+    lib = blas.find_fast_blas()
+    if lib is None:
+        pytest.skip("no OpenBLAS with cblas_sgemm installed here")
+    base = {"LD_PRELOAD": "", "PATH": "/usr/bin"}
+    env = blas.fast_blas_env(base)
+    assert env["LD_PRELOAD"] == lib and env["PATH"] == "/usr/bin" and base["LD_PRELOAD"] == ""
+    assert blas.fast_blas_env(env)["LD_PRELOAD"] == lib  # not twice
+    monkeypatch.setenv(blas.ENV, "reference")
+    assert blas.fast_blas_env(base) == base
