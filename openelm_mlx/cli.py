@@ -336,17 +336,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
     from .loading import load
-    from .perplexity import token_nll
+    from .perplexity import read_text, token_nll
 
     path = Path(args.text)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise OpenELMError(f"{path}: no such text file") from None
-    except OSError as e:  # a directory, no permission, ...
-        raise OpenELMError(f"--text {path}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise OpenELMError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    text = read_text(path)
     model, tokenizer = load(_model_path(args), tokenizer=args.tokenizer)
     ids = tokenizer.encode(text)
     nll, n = token_nll(model, ids, window=args.window, stride=args.stride)

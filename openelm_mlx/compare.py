@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from .errors import OpenELMError
 from .model import OpenELM
+from .perplexity import read_text
 
 DEFAULT_CONTEXT = 512
 ROWS_PER_PASS = 4
@@ -116,18 +116,6 @@ def compare(
         top_p_change_mean=float(p_change.mean()),
         top_p_change_max=float(np.abs(p_change).max()),
     )
-
-
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise OpenELMError(f"--text {path}: no such text file") from None
-    except IsADirectoryError:
-        raise OpenELMError(f"--text {path}: a directory, not a text file") from None
-    except UnicodeDecodeError as e:
-        raise OpenELMError(f"--text {path}: not valid UTF-8 (byte {e.start})") from None
 
 
 def compare_dirs(

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import mlx.core as mx
 from tqdm import tqdm
 
 from .errors import OpenELMError
 from .model import OpenELM
+
+
+def read_text(path: str | Path) -> str:
+    """A ``--text`` file for ``eval`` and ``compare``, or a one-line error naming it."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise OpenELMError(f"--text {path}: no such text file") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise OpenELMError(f"--text {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise OpenELMError(f"--text {path}: not valid UTF-8 (byte {e.start})") from None
 
 
 def token_nll(

@@ -520,19 +520,16 @@ def test_full_fine_tune_trains_whole_blocks_and_fuses(tmp_path, work):
 
 def test_serve_applies_the_adapter(tmp_path):
     """``serve --adapter-path``: a real server on a loopback port answers as base + adapter."""
-    import argparse
-
     import openai
     from helpers import running_server
 
+    from openelm_mlx.cli import build_parser
     from openelm_mlx.generate import generate
-    from openelm_mlx.server.cli import add_parser, load_models
+    from openelm_mlx.server.cli import load_models
 
     adapter = tmp_path / "adapter"
     _random_adapter(adapter, "lora", list(lora.TARGETS))
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--model", str(BUNDLED), "--adapter-path", str(adapter)])
+    args = build_parser().parse_args(["serve", "--model", str(BUNDLED), "--adapter-path", str(adapter)])
     models, _ = load_models(args)
     expected = generate(*load(BUNDLED, adapter_path=adapter), "And God said", max_tokens=16)
     assert expected != generate(*load(BUNDLED), "And God said", max_tokens=16)  # the adapter matters
