@@ -62,3 +62,22 @@ class KVCache:
 
 def make_cache(num_layers: int) -> list[KVCache]:
     return [KVCache() for _ in range(num_layers)]
+
+
+class PackedRows:
+    """Not a cache: what attention needs for rows that each pack several sequences sharing a
+    prefix (``scoring.py``: one context followed by each of its continuations).
+
+    ``offset`` is every token's position ([B, S]; the kernel's RoPE per token), ``allowed`` which
+    tokens each token attends to ([B, 1, S, S], boolean).  Nothing is kept between calls, so one
+    instance serves every layer."""
+
+    def __init__(self, positions: mx.array, allowed: mx.array) -> None:
+        self.offset = positions
+        self.allowed = allowed
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return keys, values
+
+    def mask(self, n: int) -> mx.array:
+        return self.allowed

@@ -108,8 +108,7 @@ class Attention(nn.Module):
         # attention over them stacked under a per-row mask (fewer, larger ops: 90 of 312 ms of a
         # 270M step with 8 rows went to attending row by row); masked positions add exact zeros.
         offsets = mx.concatenate([mx.array([c.offset]) if isinstance(c.offset, int) else c.offset for c in caches])
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offsets)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offsets)
+        q, k = self._rope(q, offsets), self._rope(k, offsets)
         fetched = [c.update_and_fetch(k[i : i + 1], v[i : i + 1]) for i, c in enumerate(caches)]
         # Eager caches (int offsets) stack only the positions written so far; the compiled step's
         # fixed buffers stack whole.
@@ -132,13 +131,22 @@ class Attention(nn.Module):
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
         S = q.shape[2]
         offset = cache.offset if cache is not None else 0
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
+        q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         # GQA is native to the fused kernel.
         mask = cache.mask(S) if cache is not None else KVCache.mask(S)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+
+    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        """RoPE from ``offset``: one position for all rows, one per row ([B]), or one per token ([B, S])."""
+        if isinstance(offset, mx.array) and offset.ndim == 2:
+            # The kernel takes at most one offset per row, so each token becomes a row of its own
+            # (same kernel, same numbers): packed rows repeat positions (scoring.py).
+            B, H, S, D = x.shape
+            rows = x.transpose(0, 2, 1, 3).reshape(B * S, H, 1, D)
+            return self._rope(rows, offset.reshape(-1)).reshape(B, S, H, D).transpose(0, 2, 1, 3)
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
 
 
 @mx.compile
@@ -204,8 +212,11 @@ class OpenELM(nn.Module):
     def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None, last_only: bool = False) -> mx.array:
         """Logits for every position, or with ``last_only`` just the last (all a prefill needs)."""
         h = self.transformer(tokens, cache)
-        if last_only:
-            h = h[:, -1:]
+        return self.logits(h[:, -1:] if last_only else h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The output head over final hidden states (``self.transformer``'s, normed): scoring
+        picks the positions it needs first."""
         if self.config.share_input_output_layers:
             # as_linear also serves a QuantizedEmbedding, so a quantized tied head works.
             return self.transformer.token_embeddings.as_linear(h)

@@ -4,10 +4,12 @@ What an evaluation harness asks of a model, independent of any harness (``evalua
 to lm-eval, ``compare.py`` reads per-token distributions from it):
 
 * ``loglikelihoods``: log P(continuation | context) and whether greedy decoding would produce the
-  continuation.  Requests that share a context (the choices of a multiple-choice question) prefill
-  it once; many requests run together as the rows of one batch.  Each row attends over its own KV
-  cache with the shapes it would have alone (``model.Attention``'s per-row caches), so a request's
-  score does not depend on what else is in its batch beyond float rounding in the batched matmuls.
+  continuation.  A context and its continuations (the choices of a multiple-choice question) are
+  packed into one row, ``context, choice 1, choice 2, ...``, in which each choice sees the context
+  and itself only, at the positions it would have alone (``cache.PackedRows``): the context is
+  computed once, no token is padded inside a row, and one forward pass scores a whole batch.  The
+  output head runs only where a continuation token is predicted.  A request's score does not
+  depend on what else is in its batch beyond float rounding in the batched matmuls.
 * ``rolling_loglikelihoods``: the log-likelihood of whole documents, cut into windows of the model's
   context the way lm-eval does (every token scored once, the last window with a full context).
 """
@@ -17,9 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
+import numpy as np
 from tqdm import tqdm
 
-from .cache import KVCache
+from . import cpu
+from .cache import PackedRows
 from .errors import OpenELMError
 from .model import OpenELM
 
@@ -38,51 +42,51 @@ def _fit(ctx: Sequence[int], cont: Sequence[int], window: int) -> tuple[tuple[in
     return tuple(int(t) for t in ctx[-keep:]), tuple(int(t) for t in cont)
 
 
-def _pad(rows: list[Sequence[int]]) -> mx.array:
-    width = max(len(r) for r in rows)
-    # Right padding: with causal attention, pads after a row's tokens change none of its positions.
-    return mx.array([list(r) + [0] * (width - len(r)) for r in rows], dtype=mx.uint32)
+def _pack(rows: list[tuple[tuple[int, ...], list[tuple[int, ...]]]]):
+    """Token, position and attention arrays for rows of (context, continuations), and where each
+    continuation token is predicted: the flat index of the position before it, and the token."""
+    width = max(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in rows)
+    tokens = np.zeros((len(rows), width), np.uint32)
+    positions = np.zeros((len(rows), width), np.int32)
+    segment = np.full((len(rows), width), -1, np.int32)  # 0: the context, j: continuation j, -1: pad
+    picks: list[int] = []
+    targets: list[int] = []
+    starts: list[int] = []  # where each continuation's targets begin in ``targets``
+    for r, (ctx, conts) in enumerate(rows):
+        n, at = len(ctx), len(ctx)
+        tokens[r, :n], positions[r, :n], segment[r, :n] = ctx, np.arange(n), 0
+        for j, cont in enumerate(conts, 1):
+            k = len(cont) - 1  # the last token is only predicted, never fed
+            span = slice(at, at + k)
+            tokens[r, span], positions[r, span], segment[r, span] = cont[:-1], np.arange(n, n + k), j
+            starts.append(len(targets))
+            picks += [r * width + n - 1, *range(r * width + at, r * width + at + k)]
+            targets += cont
+            at += k
+    index = np.arange(width)
+    # A token sees earlier tokens of the context and of its own continuation (pads see the
+    # context and earlier pads, so no row of the mask is empty).
+    seen = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+    allowed = (index[None, None, :] <= index[None, :, None]) & seen
+    return tokens, positions, allowed[:, None], picks, targets, starts
 
 
-def _view(c: KVCache) -> KVCache:
-    """A cache that starts from ``c``'s state; writing to it leaves ``c`` alone (MLX arrays are values)."""
-    out = KVCache()
-    if c.keys is not None and c.offset > 0:
-        out.keys, out.values, out.offset = c.keys[..., :, :], c.values[..., :, :], c.offset
-    return out
-
-
-def _prefill(model: OpenELM, contexts: list[tuple[int, ...]]) -> list[list[KVCache]]:
-    """Per context, the layer caches holding all its tokens but the last (the scoring pass feeds that one)."""
-    caches = [model.make_cache() for _ in contexts]
-    todo = [i for i, ctx in enumerate(contexts) if len(ctx) > 1]
-    if todo:
-        rows = [contexts[i][:-1] for i in todo]
-        per_layer = [[caches[i][layer] for i in todo] for layer in range(len(model.layers))]
-        model.infer(_pad(rows), cache=per_layer, last_only=True)
-        width = max(len(r) for r in rows)
-        for i, r in zip(todo, rows, strict=True):
-            for c in caches[i]:
-                c.trim(width - len(r))  # forget the pads
-        mx.eval([[(c.keys, c.values) for c in caches[i]] for i in todo])
-    return caches
-
-
-def _score_rows(
-    model: OpenELM, rows: list[tuple[int, ...]], targets: list[tuple[int, ...]], caches: list[list[KVCache]]
-) -> tuple[list[float], list[bool]]:
-    """Sum of log-probabilities of ``targets[r]`` and greedy agreement, row r fed over ``caches[r]``."""
-    per_layer = [[_view(caches[r][layer]) for r in range(len(rows))] for layer in range(len(model.layers))]
-    logits = model.infer(_pad(rows), cache=per_layer).astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    tgt = _pad(targets)
-    picked = mx.take_along_axis(logprobs, tgt[..., None], axis=-1)[..., 0]
-    lengths = mx.array([len(t) for t in targets])
-    real = mx.arange(tgt.shape[1])[None, :] < lengths[:, None]
-    scores = mx.where(real, picked, 0.0).sum(axis=1)
-    greedy = mx.where(real, mx.argmax(logits, axis=-1) == tgt, True).all(axis=1)
-    mx.eval(scores, greedy)
-    return scores.tolist(), greedy.tolist()
+def _score_packed(
+    model: OpenELM, rows: list[tuple[tuple[int, ...], list[tuple[int, ...]]]]
+) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities, greedy agreement) of every continuation of ``rows``, in order."""
+    tokens, positions, allowed, picks, targets, starts = _pack(rows)
+    packed = PackedRows(mx.array(positions), mx.array(allowed))
+    with cpu.inference():
+        h = model.transformer(mx.array(tokens), [packed] * len(model.layers))
+        logits = model.logits(h.reshape(-1, h.shape[-1])[mx.array(picks)]).astype(mx.float32)
+    tgt = mx.array(targets)
+    picked = mx.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    agree = mx.argmax(logits, axis=-1) == tgt
+    mx.eval(picked, agree)
+    scores = np.add.reduceat(np.array(picked, np.float64), starts)
+    greedy = np.logical_and.reduceat(np.array(agree), starts)
+    return [(float(s), bool(g)) for s, g in zip(scores, greedy, strict=True)]
 
 
 def loglikelihoods(
@@ -104,29 +108,26 @@ def loglikelihoods(
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(fitted):
         groups.setdefault(ctx, []).append(i)
-    # Longest first, so a batch holds contexts of similar lengths (little padding) and the slowest
-    # batch comes first (a run that will not fit memory fails at once).
-    order = [
-        i
-        for ctx in sorted(groups, key=lambda c: -len(c) - max(len(fitted[j][1]) for j in groups[c]))
-        for i in groups[ctx]
-    ]
+    # A row: one context and up to batch_size of its continuations.  Longest first, so a batch
+    # holds rows of similar lengths (little padding) and the slowest batch comes first (a run
+    # that will not fit memory fails at once).
+    rows = [(ctx, idx[k : k + batch_size]) for ctx, idx in groups.items() for k in range(0, len(idx), batch_size)]
+    rows.sort(key=lambda row: -len(row[0]) - sum(len(fitted[i][1]) - 1 for i in row[1]))
+    batches: list[list[tuple[tuple[int, ...], list[int]]]] = [[]]
+    for row in rows:  # whole rows, at most batch_size requests a batch
+        if batches[-1] and sum(len(r[1]) for r in batches[-1]) + len(row[1]) > batch_size:
+            batches.append([])
+        batches[-1].append(row)
     results: list[tuple[float, bool] | None] = [None] * len(fitted)
-    cached: dict[tuple[int, ...], list[KVCache]] = {}  # the contexts of the current batch (and one straddling it)
     bar = tqdm(total=len(fitted), desc="loglikelihood", unit="req", disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        contexts = list(dict.fromkeys(fitted[i][0] for i in batch))
-        new = [c for c in contexts if c not in cached]
-        cached = {c: cached[c] for c in contexts if c in cached}
-        cached.update(zip(new, _prefill(model, new), strict=True))
-        rows = [(fitted[i][0][-1], *fitted[i][1][:-1]) for i in batch]
-        scores, greedy = _score_rows(model, rows, [fitted[i][1] for i in batch], [cached[fitted[i][0]] for i in batch])
-        for i, s, g in zip(batch, scores, greedy, strict=True):
-            results[i] = (s, bool(g))
-        bar.update(len(batch))
+    for batch in batches if rows else []:
+        done = [i for _, idx in batch for i in idx]
+        scored = _score_packed(model, [(ctx, [fitted[i][1] for i in idx]) for ctx, idx in batch])
+        for i, result in zip(done, scored, strict=True):
+            results[i] = result
+        bar.update(len(done))
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(len(done))
     bar.close()
     return results  # type: ignore[return-value]
 

@@ -25,13 +25,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="openelm-mlx-datasets-"))
 
-from helpers import random_weights, require_lm_eval, small_config, write_hf_folder  # noqa: E402
+from helpers import SMALL_CONFIGS, random_weights, require_lm_eval, small_config, write_hf_folder  # noqa: E402
 
 require_lm_eval()
 
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from openelm_mlx import reference  # noqa: E402
+from openelm_mlx import OpenELMConfig, reference  # noqa: E402
 from openelm_mlx.evaluate import OpenELMLM  # noqa: E402
 from openelm_mlx.generate import generate  # noqa: E402
 from openelm_mlx.harness import run_tasks, task_manager  # noqa: E402
@@ -232,6 +232,41 @@ def test_batch_sizes_1_and_8_give_the_same_results(bundled, tasks):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6)
     for key in ("acc,none", "acc_norm,none"):
         assert one["results"]["kjv_verses"][key] == eight["results"]["kjv_verses"][key]
+
+
+@pytest.fixture(scope="module")
+def untied_model(tmp_path_factory) -> Checked:
+    cfg = OpenELMConfig.scaled(**{**SMALL_CONFIGS["untied"], "vocab_size": 512})  # room for the test tokenizer
+    return Checked(write_hf_folder(tmp_path_factory.mktemp("untied"), cfg, random_weights(cfg, seed=5)))
+
+
+@pytest.mark.parametrize("which", ["random_model", "untied_model"])
+def test_packed_rows_score_each_request_as_alone(which, request):
+    """Packing a context with its continuations in one row, rows of unequal lengths in one batch,
+    a context with more continuations than a batch holds, a BOS-only context, one-token
+    continuations and a context cut to the window: every score equals the float64 reference
+    on that request alone, at every batch size."""
+    from openelm_mlx.scoring import loglikelihoods
+
+    m: Checked = request.getfixturevalue(which)
+    rng = np.random.default_rng(11)
+    vocab, window = m.config.vocab_size, m.config.max_context_length
+
+    def toks(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(3, vocab, n)]
+
+    shared = [1, *toks(9)]
+    reqs = [(shared, toks(int(k))) for k in (1, 4, 2, 6, 3)]  # five choices of one question
+    reqs += [([1], toks(5)), ([1], toks(1)), ([1, *toks(3)], toks(7)), ([1, *toks(20)], toks(2))]
+    reqs += [([1, *toks(window + 8)], toks(3))]  # longer than the window: cut from the left
+    want = []
+    for ctx, cont in reqs:
+        ctx = ctx[-(window - len(cont) + 1) :]
+        lp = m.logprobs((ctx + cont)[:-1])
+        want.append(sum(lp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+    for batch_size in (1, 3, 8):
+        got = [s for s, _ in loglikelihoods(m.model, reqs, batch_size=batch_size)]
+        np.testing.assert_allclose(got, want, atol=LOGLIK_TOL, rtol=0, err_msg=f"batch_size={batch_size}")
 
 
 def test_is_greedy_is_true_exactly_for_the_greedy_continuation(bundled):
