@@ -37,10 +37,13 @@ import numpy as np
 from .errors import OpenELMError
 
 ENV = "OPENELM_MLX_MATMUL"
-# Up to here a matmul is decoding (one row per sequence of a batch, or speculative verification);
-# above, a prompt.  A float32 decoding matmul goes to NumPy's BLAS: with 8 rows of 1280 x 10240 it
-# took 8 ms against 20 ms in MLX on OpenBLAS and 119 ms on the reference BLAS (2.1 ms for one row).
-MAX_DECODE_ROWS = 16
+# Up to here a float32 matmul goes to NumPy's BLAS (decoding up to 8 sequences, speculative
+# verification); above, it stays in MLX (on OpenBLAS, rows padded: MLX_GEMM_ROW_BLOCK) unless MLX
+# runs on the reference BLAS.  All 270M layers with 8 rows: 67 ms through NumPy against 114 ms in
+# MLX (1 row: 2.1 ms against 3.5 ms per 1280 x 10240).  From 9 rows MLX's padded sgemm is as fast
+# as NumPy's and the step stays one MLX graph, where each NumPy matmul evaluates the graph before
+# it: the engine at 12 and 16 sequences decoded 65 -> 78 and 77 -> 96 tok/s with this at 8 than at 16.
+MAX_DECODE_ROWS = 8
 # From this many rows a quantized matmul dequantizes and calls the BLAS: MLX's CPU quantized matmul
 # costs a fixed amount per row (4-bit 1280 x 10240: 7.6 ms per row on two streams), dequantizing a
 # fixed amount in all (19-57 ms).  A whole 270M 4-bit decode step of the batched engine: 426 ms
@@ -107,6 +110,10 @@ def numpy_decoding(layer_bytes: int) -> bool:
 # the 270M layers with 4 rows took 3.98 ms for 10240 x 1280 against 2.93 ms padded to 8, and 12
 # rows 5.26 ms against 3.92 ms padded to 16 (all layers, cold: 94 -> 77 ms for 12 rows).
 GEMM_ROW_BLOCK = 8
+# MLX's sgemm on the preloaded OpenBLAS is fast for row counts that are multiples of 16 and up to
+# 2x slower between them; padding costs a copy of the input rows.  All 270M layers: 12 rows
+# 186 -> 93 ms, 20 rows 154 -> 124 ms, 40 rows 195 -> 153 ms (16 and 32 rows: 96 and 130 ms).
+MLX_GEMM_ROW_BLOCK = 16
 
 
 def _np_matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -119,7 +126,7 @@ def _np_matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if rows == 2:
         return np.stack([w @ x[0], w @ x[1]])
     pad = -rows % GEMM_ROW_BLOCK
-    if pad and rows <= MAX_DECODE_ROWS:
+    if pad and rows <= 2 * GEMM_ROW_BLOCK:  # measured up to 16 rows; many rows (prompts) as they are
         x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
         return (x @ w.T)[:rows]
     return x @ w.T
@@ -132,10 +139,19 @@ def _numpy_route(x: mx.array, w: mx.array) -> bool:
     return one if rows <= MAX_DECODE_ROWS else many
 
 
+def _mlx_matmul_t(x: mx.array, w: mx.array) -> mx.array:
+    rows = _rows(x)
+    pad = -rows % MLX_GEMM_ROW_BLOCK
+    if not (pad and _inference.get() and on_cpu() and x.dtype == mx.float32 and sys.platform != "darwin"):
+        return x @ w.T
+    flat = mx.concatenate([x.reshape(rows, x.shape[-1]), mx.zeros((pad, x.shape[-1]), x.dtype)])
+    return (flat @ w.T)[:rows].reshape(*x.shape[:-1], w.shape[0])
+
+
 def matmul_t(x: mx.array, w: mx.array) -> mx.array:
     """``x @ w.T`` (``w`` is [out, in], as in every checkpoint) by the fastest route here."""
     if not _numpy_route(x, w):
-        return x @ w.T
+        return _mlx_matmul_t(x, w)
     # np.asarray evaluates x and views the MLX buffers without copying them.
     y = _np_matmul_t(np.asarray(x).reshape(-1, x.shape[-1]), np.asarray(w))
     return mx.array(y).reshape(*x.shape[:-1], w.shape[0])

@@ -156,6 +156,20 @@ def test_numpy_matmul_every_row_count_equals_mlx(routes, rows):
     assert np.abs(np.asarray(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 12, 16, 17, 40])
+def test_mlx_matmul_padded_to_its_row_block_equals_float64(routes, rows):
+    """The MLX route pads rows to MLX_GEMM_ROW_BLOCK on the CPU; the padding never shows."""
+    routes("mlx")
+    rng = np.random.default_rng(rows)
+    x = mx.array(rng.standard_normal((2, rows, 96), dtype=np.float32))  # [batch, rows, in]: reshaped and back
+    w = mx.array(rng.standard_normal((200, 96), dtype=np.float32))
+    with cpu.inference():
+        ours = cpu.matmul_t(x, w)
+    expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert ours.shape == (2, rows, 200)
+    assert np.abs(np.asarray(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 def test_fast_blas_env_preloads_once_and_honours_the_opt_out(monkeypatch):
     from openelm_mlx import blas
 
