@@ -30,6 +30,7 @@ from lm_eval.api.model import LM
 from openelm_mlx.convert.pipeline import convert
 
 from openelm_mlx import OpenELMConfig
+from openelm_mlx.blas import use_fast_blas
 from openelm_mlx.evaluate import OpenELMLM
 from openelm_mlx.loading import load
 
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("-n", "--runs", type=int, default=3)
     ap.add_argument("--json")
     args = ap.parse_args()
+    use_fast_blas()  # both scorers on the BLAS the CLI runs on (this process restarts once)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     report = {}
