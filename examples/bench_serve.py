@@ -93,10 +93,10 @@ async def one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int)
                 raise
             await asyncio.sleep(0.05)
             continue
-        # Without a usage event (seen from mlx_lm.server after dropped connections), count the
-        # streamed text chunks: one per token for both servers.
         if not finished:  # a stream cut short (mlx_lm.server's generation thread died mid-answer)
             return time.perf_counter() - t0, -1, retries
+        # Without a usage event (seen from mlx_lm.server after dropped connections), count the
+        # streamed text chunks: one per token for both servers.
         return ttft or time.perf_counter() - t0, chunks if tokens is None else tokens, retries
     raise AssertionError("unreachable")
 

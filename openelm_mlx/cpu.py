@@ -132,8 +132,13 @@ def _np_matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return x @ w.T
 
 
+def _cpu_float32_inference(x: mx.array, w: mx.array) -> bool:
+    """Whether a matmul may leave MLX's plain ``x @ w.T``: float32, on the CPU, inside ``inference()``."""
+    return _inference.get() and on_cpu() and x.dtype == mx.float32 and w.dtype == mx.float32
+
+
 def _numpy_route(x: mx.array, w: mx.array) -> bool:
-    if not (_inference.get() and on_cpu() and x.dtype == mx.float32 and w.dtype == mx.float32):
+    if not _cpu_float32_inference(x, w):
         return False
     rows, (one, many) = _rows(x), numpy_routes()
     return one if rows <= MAX_DECODE_ROWS else many
@@ -142,7 +147,7 @@ def _numpy_route(x: mx.array, w: mx.array) -> bool:
 def _mlx_matmul_t(x: mx.array, w: mx.array) -> mx.array:
     rows = _rows(x)
     pad = -rows % MLX_GEMM_ROW_BLOCK
-    if not (pad and _inference.get() and on_cpu() and x.dtype == mx.float32 and sys.platform != "darwin"):
+    if not (pad and _cpu_float32_inference(x, w) and sys.platform != "darwin"):
         return x @ w.T
     flat = mx.concatenate([x.reshape(rows, x.shape[-1]), mx.zeros((pad, x.shape[-1]), x.dtype)])
     return (flat @ w.T)[:rows].reshape(*x.shape[:-1], w.shape[0])

@@ -113,14 +113,14 @@ def loglikelihoods(
     # that will not fit memory fails at once).
     rows = [(ctx, idx[k : k + batch_size]) for ctx, idx in groups.items() for k in range(0, len(idx), batch_size)]
     rows.sort(key=lambda row: -len(row[0]) - sum(len(fitted[i][1]) - 1 for i in row[1]))
-    batches: list[list[tuple[tuple[int, ...], list[int]]]] = [[]]
+    batches: list[list[tuple[tuple[int, ...], list[int]]]] = []
     for row in rows:  # whole rows, at most batch_size requests a batch
-        if batches[-1] and sum(len(r[1]) for r in batches[-1]) + len(row[1]) > batch_size:
+        if not batches or sum(len(r[1]) for r in batches[-1]) + len(row[1]) > batch_size:
             batches.append([])
         batches[-1].append(row)
     results: list[tuple[float, bool] | None] = [None] * len(fitted)
     bar = tqdm(total=len(fitted), desc="loglikelihood", unit="req", disable=not progress, leave=False)
-    for batch in batches if rows else []:
+    for batch in batches:
         done = [i for _, idx in batch for i in idx]
         scored = _score_packed(model, [(ctx, [fitted[i][1] for i in idx]) for ctx, idx in batch])
         for i, result in zip(done, scored, strict=True):
