@@ -289,7 +289,8 @@ def test_resent_conversation_reuses_the_prefix_and_equals_a_cold_run(url, models
 
 def post(url: str, path: str, body, **kw) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(f"{url}{path}", content=content, headers=kw.pop("headers", {}), timeout=30, **kw)
+    headers = {"Content-Type": "application/json", **kw.pop("headers", {})}
+    return httpx.post(f"{url}{path}", content=content, headers=headers, timeout=30, **kw)
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> None:

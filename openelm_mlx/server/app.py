@@ -26,6 +26,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from ..errors import OpenELMError
+from .guard import COMMON_HEADERS, Policy, header, page_headers
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -61,6 +62,7 @@ class Settings:
     max_concurrency: int = 8
     max_queue: int = 64
     ui: bool = True
+    policy: Policy = field(default_factory=Policy)
 
 
 @dataclass
@@ -296,7 +298,7 @@ class Server:
         index = STATIC / "index.html"
         if not self.settings.ui or not index.is_file():
             raise APIError(404, "no chat page here (the server runs with --no-ui)", code="not_found")
-        return FileResponse(index, media_type="text/html; charset=utf-8")
+        return FileResponse(index, media_type="text/html; charset=utf-8", headers=page_headers(index))
 
 
 def _code(message: str) -> str | None:
@@ -311,11 +313,21 @@ async def _disconnected(request: HTTPRequest) -> None:
 
 async def _read_json(request: HTTPRequest) -> dict:
     size = request.headers.get("content-length")
+    too_big = APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
     if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
+        raise too_big
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        # text/plain is what a cross-site page may POST without a preflight
+        raise APIError(415, f"Content-Type {kind or '(none)'}: expected application/json", param="Content-Type")
+    # Counted while reading: a chunked body has no Content-Length to refuse up front.
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_BODY_BYTES:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -366,14 +378,27 @@ class _Outer:
         status = [0]
         t0 = time.perf_counter()
 
+        policy = self.server.settings.policy
+        host, origin = header(scope, b"host"), header(scope, b"origin")
+        extra = COMMON_HEADERS + (policy.cors_headers(origin) if origin else [])
+
         async def watch(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
             key = self.server.settings.api_key
-            if key is not None and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
+            if not policy.host_allowed(host):
+                error = APIError(421, f"Host {host!r}: not this server (--allowed-hosts NAME allows it)", param="Host")
+                await _error_response(error)(scope, receive, watch)
+            elif origin is not None and not policy.origin_allowed(origin, host):
+                error = APIError(403, f"Origin {origin!r}: not allowed (--cors-origins allows it)", param="Origin")
+                await _error_response(error)(scope, receive, watch)
+            elif origin is not None and scope["method"] == "OPTIONS":  # an allowed origin's preflight
+                await Response(status_code=204)(scope, receive, watch)
+            elif key is not None and scope["path"] not in OPEN_PATHS and not _authorized(scope, key):
                 error = APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
                 await _error_response(error)(scope, receive, watch)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -37,7 +38,22 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tokenizer", help="tokenizer.model to use instead of each model directory's")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    p.add_argument(
+        "--api-key-file",
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health, KEY read from this file "
+        "(or set OPENELM_MLX_API_KEY; --api-key KEY works too but shows the key to every local user in ps)",
+    )
+    p.add_argument("--api-key", help="the key itself (prefer --api-key-file or OPENELM_MLX_API_KEY)")
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="comma-separated Host names answered besides loopback ones and the --host address ('*': any)",
+    )
+    p.add_argument(
+        "--cors-origins",
+        default="",
+        help="comma-separated browser origins (https://app.example) allowed to call the API cross-site",
+    )
     p.add_argument("--draft-model", help="a smaller OpenELM for speculative decoding of lone requests")
     p.add_argument("--num-draft-tokens", type=int, default=3, help="tokens the draft model proposes per round")
     p.add_argument("--adapter-path", help="LoRA adapters to apply to the model")
@@ -73,8 +89,27 @@ def _check(args: argparse.Namespace) -> None:
         raise OpenELMError(f"--max-tokens-limit {args.max_tokens_limit}: must be at least 1")
     if not 0 <= args.port <= 65535:
         raise OpenELMError(f"--port {args.port}: must be in 0..65535")
-    if args.api_key is not None and not args.api_key.strip():
-        raise OpenELMError("--api-key: the key is empty")
+    args.api_key = api_key(args)
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, --api-key or OPENELM_MLX_API_KEY, in that order."""
+    if args.api_key_file is not None:
+        try:
+            key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise OpenELMError(f"--api-key-file {args.api_key_file}: {getattr(e, 'strerror', None) or e}") from None
+        if not key:
+            raise OpenELMError(f"--api-key-file {args.api_key_file}: the file holds no key")
+        return key
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise OpenELMError("--api-key: the key is empty")
+        return args.api_key
+    env = os.environ.get("OPENELM_MLX_API_KEY")
+    if env is not None and not env.strip():
+        raise OpenELMError("OPENELM_MLX_API_KEY: the key is empty")
+    return env.strip() if env else None
 
 
 def load_models(args: argparse.Namespace) -> tuple[dict[str, ServedModel], Any]:
@@ -172,6 +207,7 @@ def build_server(
 
 def run(args: argparse.Namespace) -> int:
     from .app import Settings
+    from .guard import Policy
     from .protocol import Limits
 
     _check(args)
@@ -185,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         ui=not args.no_ui,
+        policy=Policy(_names(args.allowed_hosts), _names(args.cors_origins), bound=args.host),
     )
     server = build_server(
         models,
@@ -203,3 +240,7 @@ def run(args: argparse.Namespace) -> int:
         print("openelm-mlx serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
     server.run()
     return 0
+
+
+def _names(flag: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in flag.split(",") if n.strip())
