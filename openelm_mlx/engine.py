@@ -1,12 +1,16 @@
 """The generation engine: the one decode loop under every front end (generate, chat, bench, server, evaluate).
 
-An ``Engine`` runs a set of sequences.  Each keeps its own KV cache (allocated by need, 256
-positions at a time), so sequences of any lengths decode together in one batched step: the
-matmuls see B rows and read the weights once, and each row attends over its own cache with the
-shapes it would have alone (``model.Attention``).  That is what makes batching exact: at
-temperature 0 a sequence yields the same tokens whatever joins or leaves around it, and a seeded
-sequence draws from its own key.  (Left padding into one shared buffer was the alternative: it
-copies every cache when a sequence joins, and changes the attention's shapes.)
+An ``Engine`` runs a set of sequences over one batch KV cache (``cache.BatchKVCache``): per
+layer one buffer of ``[slots, kv_heads, capacity, head_dim]``; a sequence takes a slot when it
+is admitted and frees it when it ends, and each slot keeps its own offset.  Sequences of any
+lengths decode together in one step (``step.DecodeStep``): the matmuls see every slot's row and
+read the weights once, one scatter per layer writes every row's new key and value at its own
+position, and one attention covers them all, each row masked by its offset; nothing is copied or
+stacked per step.  A prompt is prefilled into its slot through a view with the shapes it would
+have alone.  That is what keeps batching exact: at temperature 0 a sequence yields the same
+tokens whatever joins or leaves around it, and a seeded sequence draws from its own key.
+(Left padding was the alternative: every row written at one column, at the price of copying
+every cache when a longer sequence joins.)
 
 ``step()`` is one scheduling round:
 
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import KVCache
+from .cache import BatchKVCache, KVCache
 from .errors import OpenELMError
 from .model import OpenELM
 from .sampling import SamplingOptions, make_sampler
@@ -137,7 +141,7 @@ class StopMatcher:
 class _Sequence:
     id: int
     params: GenParams
-    cache: list[KVCache]
+    cache: list[KVCache]  # what the sequence starts from, and where its state goes when it ends
     history: list[int]  # every token of the sequence so far (what the cache holds, plus pending)
     pending: list[int]  # prompt tokens not yet in the cache
     sampler: Callable[[mx.array, mx.array], mx.array]
@@ -158,6 +162,8 @@ class _Sequence:
     draft_proposed: int = 0
     draft_accepted: int = 0
     finished: str | None = None
+    slot: int | None = None  # its slot in the engine's batch cache, from admission to the end
+    export: bool = False  # whether its KV state goes back into ``cache`` (the caller's) at the end
 
 
 class Engine:
@@ -185,6 +191,7 @@ class Engine:
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache = PrefixCache(prompt_cache_bytes)
         self.decode = decoder(model)
+        self.batch = BatchKVCache(model.config.num_kv_heads, model.config.head_dim, max_batch)
         self._ids = itertools.count()
         self.waiting: list[_Sequence] = []
         self.prefilling: list[_Sequence] = []
@@ -231,6 +238,7 @@ class Engine:
                 f"this sequence needs {need / 2**20:.1f} MiB of KV cache and {self.kv_reserved() / 2**20:.1f} MiB "
                 f"of the {self.kv_budget_bytes / 2**20:.1f} MiB budget are in use; retry later or ask for fewer tokens"
             )
+        export = cache is not None
         if cache is None and not params.prompt_logprobs:  # prompt log-probabilities need every position
             cache, cached = self.prefix_cache.fetch(self.model, history + prompt)
         elif cache is None:
@@ -251,6 +259,7 @@ class Engine:
             kv_reserved=need,
             detok=self.tokenizer.detokenizer() if self.tokenizer is not None else None,
             stop=StopMatcher(params.stop),
+            export=export,
         )
         if params.stop and self.tokenizer is None:
             raise OpenELMError("stop strings need a tokenizer")
@@ -292,7 +301,9 @@ class Engine:
                     out.append(self._output(s, [], "", "cancelled"))
             self._cancelled.clear()
         while self.waiting and len(self.prefilling) + len(self.running) < self.max_batch:
-            self.prefilling.append(self.waiting.pop(0))
+            s = self.waiting.pop(0)
+            s.slot = self.batch.take(s.cache)
+            self.prefilling.append(s)
         if self.running:
             alone = len(self.running) == 1 and not self.prefilling and not self.waiting
             if alone and self.running[0].proposer is not None:
@@ -321,15 +332,19 @@ class Engine:
 
     def _feed(self, rows: list[_Sequence]) -> list[tuple]:
         """Queue one decode step over ``rows``; their next tokens (lazy) and log-probabilities."""
-        tokens = mx.concatenate([s.last.reshape(1, 1) for s in rows]) if len(rows) > 1 else rows[0].last.reshape(1, 1)
-        logits = self.decode(tokens.astype(mx.uint32), [s.cache for s in rows])[:, -1]
+        # One token per slot: free slots and prompts still prefilling take a padding token.
+        by_slot = {s.slot: s.last.reshape(1, 1).astype(mx.uint32) for s in rows}
+        pad = mx.zeros((1, 1), dtype=mx.uint32)
+        parts = [by_slot.get(i, pad) for i in range(self.batch.slots)]
+        tokens = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+        logits = self.decode(tokens, self.batch, [s.slot for s in rows])[:, -1]
         nexts = []
-        for i, s in enumerate(rows):
+        for s in rows:
             if s.context is not None:
                 s.context = mx.concatenate([s.context, s.last.reshape(1).astype(mx.uint32)])
             if s.counts is not None and s.generated > 0:  # ``last`` is a generated token (not the prompt's last)
                 s.counts = s.counts.at[s.last.reshape(1)].add(1.0)
-            y, lp = self._sample(s, logits[i], s.context, s.counts)
+            y, lp = self._sample(s, logits[s.slot], s.context, s.counts)
             nexts.append((y, lp))
         mx.async_eval([y for y, _ in nexts] + [a for _, lp in nexts if lp for a in lp if a is not None])
         return nexts
@@ -338,7 +353,7 @@ class Engine:
         budget, out = self.prefill_chunk, []
         # Several sequences prefilling: equal-length chunks of them go through the model as one
         # batch (the matmuls read the weights once for all rows; each row attends over its own
-        # cache as it would alone), then what is left is prefilled one sequence at a time.
+        # slot, masked by its offset), then what is left is prefilled one sequence at a time.
         group = [s for s in self.prefilling if s.proposer is None and not s.params.prompt_logprobs]
         n = min((len(s.pending) for s in group), default=0)
         n = min(n, budget // max(len(group), 1))
@@ -348,8 +363,10 @@ class Engine:
                 chunks.append(s.pending[:n])
                 s.pending = s.pending[n:]
             budget -= n * len(group)
-            layers = [[s.cache[i] for s in group] for i in range(len(self.model.layers))]
+            slots = [s.slot for s in group]
+            layers = self.batch.rows(slots, n, self.decode.dtype)
             logits = self.model.infer(mx.array(chunks), cache=layers, last_only=True)[:, -1]
+            self.batch.advance(slots, n)
             mx.eval(logits)
             for i, s in enumerate(group):
                 if not s.pending:
@@ -362,12 +379,13 @@ class Engine:
             budget -= n
             if s.proposer is not None and not s.pending:
                 # Speculative rounds feed the last known token themselves: keep it out of the cache.
-                prefill(self.model, chunk[:-1], s.cache)
+                prefill(self.model, chunk[:-1], self.batch.view(s.slot))
                 self.prefilling.pop(0)
                 self._after_speculation(s)
                 self.running.append(s)
                 continue
-            logits = self.model.infer(mx.array([chunk]), cache=s.cache, last_only=not s.params.prompt_logprobs)[0]
+            view = self.batch.view(s.slot)
+            logits = self.model.infer(mx.array([chunk]), cache=view, last_only=not s.params.prompt_logprobs)[0]
             if s.params.prompt_logprobs:
                 self._prompt_logprobs(s, chunk, logits)
             if s.pending:
@@ -440,7 +458,7 @@ class Engine:
         left = s.params.max_tokens - s.generated
         k = s.params.num_draft_tokens if self.draft_model is not None else s.params.prompt_lookup
         drafts = s.proposer(s.history, min(k, left - 1))
-        logits = self.model.infer(mx.array([[y, *drafts]]), cache=s.cache)[0]
+        logits = self.model.infer(mx.array([[y, *drafts]]), cache=self.batch.view(s.slot))[0]
         generated = s.history[len(s.history) - s.generated :]
         picks = []
         for i in range(len(drafts) + 1):
@@ -453,8 +471,7 @@ class Engine:
             accepted += 1
         s.draft_proposed += len(drafts)
         s.draft_accepted += accepted
-        for c in s.cache:
-            c.trim(len(drafts) - accepted)
+        self.batch.trim(s.slot, len(drafts) - accepted)
         if isinstance(s.proposer, _DraftProposer):
             s.proposer.rollback(len(s.history) + min(accepted, max(len(drafts) - 1, 0)))
         out = []
@@ -522,11 +539,18 @@ class Engine:
         for group in (self.waiting, self.prefilling, self.running):
             if s in group:
                 group.remove(s)
+        if s.slot is None:  # it never started
+            return
         # Keep the cache in step with the history: a pipelined step may have fed one more token,
         # a cancelled prefill may have fed part of the prompt.
-        kept = min(len(s.history), s.cache[0].offset)
-        for c in s.cache:
-            c.trim(c.offset - kept)
+        kept = min(len(s.history), self.batch.offsets[s.slot])
+        self.batch.trim(s.slot, self.batch.offsets[s.slot] - kept)
+        if s.export or self.prefix_cache.max_bytes > 0:
+            self.batch.export(s.slot, s.cache)
+        moved = self.batch.free(s.slot)
+        s.slot = None
+        for other in self.prefilling + self.running:
+            other.slot = moved.get(other.slot, other.slot)
         if s.cache[0].offset > 0:
             self.prefix_cache.store(s.history[: s.cache[0].offset], s.cache)
 
@@ -630,7 +654,6 @@ class _DraftProposer:
 
     def __init__(self, draft: OpenELM):
         self.draft, self.cache = draft, draft.make_cache()
-        self.decode = decoder(draft)  # chosen once: the choice sums the model's weight bytes
 
     def __call__(self, ids: list[int], k: int) -> list[int]:
         if k <= 0:
@@ -638,7 +661,7 @@ class _DraftProposer:
         d = mx.argmax(prefill(self.draft, ids[self.cache[0].offset :], self.cache))
         out = [d]
         for _ in range(k - 1):
-            d = mx.argmax(self.decode(d.reshape(1, 1), [self.cache])[0, -1])
+            d = mx.argmax(self.draft.infer(d.reshape(1, 1), cache=self.cache)[0, -1])
             out.append(d)
         mx.eval(out)
         return [t.item() for t in out]

@@ -15,10 +15,6 @@ from . import cpu
 from .cache import KVCache, make_cache
 from .config import OpenELMConfig
 
-# Batched decoding stacks the rows' KV buffers for one attention while one row's buffer is at
-# most this big; past it the copy costs more than attending row by row (about 0.6 ms a row).
-STACKED_ATTENTION_MAX_BYTES = 4 * 2**20
-
 # --- layers that take the faster CPU routes of cpu.py ------------------------------------------
 
 
@@ -82,9 +78,10 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=config.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | list | None = None) -> mx.array:
-        """``cache``: one cache for the whole batch, or a list of one cache per row (the batched
-        engine: every sequence keeps its own history, so rows of any lengths decode together)."""
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
+        """``cache``: anything with ``offset`` (an int, one position per row [B], or one per
+        token [B, S]), ``update_and_fetch`` and ``mask`` (cache.py: a sequence's ``KVCache``, the
+        engine's ``Rows``/``SlotCache`` over its batch cache, scoring's ``PackedRows``)."""
         B, S, _ = x.shape
         nq, nkv = self.n_heads, self.n_kv_heads
         # One transpose of the fused projection to [B, heads, S, head_dim], then views per part.
@@ -92,51 +89,14 @@ class Attention(nn.Module):
         q, k, v = mx.split(qkv, [nq, nq + nkv], axis=1)
         if self.normalize_qk:  # per head, over head_dim, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        if isinstance(cache, list):
-            out = self._attend_rows(q, k, v, cache)
-        else:
-            out = self._attend(q, k, v, cache)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
-
-    def _attend_rows(self, q: mx.array, k: mx.array, v: mx.array, caches: list) -> mx.array:
-        """Rows of a batch, each over its own cache (the batched engine's sequences)."""
-        if q.shape[2] != 1:  # a prefill of several rows: each row as it would run alone
-            rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], c) for i, c in enumerate(caches)]
-            return mx.concatenate(rows, axis=0)
-        # Decoding one position per row: RoPE at each row's own position, the new key and value
-        # written into each row's cache, then, when the rows' buffers are equal and small, one
-        # attention over them stacked under a per-row mask (fewer, larger ops: 90 of 312 ms of a
-        # 270M step with 8 rows went to attending row by row); masked positions add exact zeros.
-        offsets = mx.concatenate([mx.array([c.offset]) if isinstance(c.offset, int) else c.offset for c in caches])
-        q, k = self._rope(q, offsets), self._rope(k, offsets)
-        fetched = [c.update_and_fetch(k[i : i + 1], v[i : i + 1]) for i, c in enumerate(caches)]
-        # Eager caches (int offsets) stack only the positions written so far; the compiled step's
-        # fixed buffers stack whole.
-        eager = all(isinstance(c, KVCache) for c in caches)
-        span = max(c.offset for c in caches) if eager else caches[0].keys.shape[2]
-        fits = all(c.keys.shape[2] >= span for c in caches) if eager else len({c.keys.shape[2] for c in caches}) == 1
-        if fits and caches[0].keys[0].nbytes <= STACKED_ATTENTION_MAX_BYTES:
-            keys = mx.concatenate([c.keys[..., :span, :] for c in caches])
-            values = mx.concatenate([c.values[..., :span, :] for c in caches])
-            mask = (mx.arange(span)[None] <= offsets[:, None])[:, None, None, :]
-            return mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
-        rows = [
-            mx.fast.scaled_dot_product_attention(q[i : i + 1], ks, vs, scale=self.scale, mask=None)
-            if isinstance(caches[i], KVCache)
-            else mx.fast.scaled_dot_product_attention(q[i : i + 1], ks, vs, scale=self.scale, mask=caches[i].mask(1))
-            for i, (ks, vs) in enumerate(fetched)
-        ]
-        return mx.concatenate(rows, axis=0)
-
-    def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
-        S = q.shape[2]
         offset = cache.offset if cache is not None else 0
         q, k = self._rope(q, offset), self._rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        # GQA is native to the fused kernel.
+        # GQA is native to the fused kernel; masked positions add exact zeros.
         mask = cache.mask(S) if cache is not None else KVCache.mask(S)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, S, -1))
 
     def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         """RoPE from ``offset``: one position for all rows, one per row ([B]), or one per token ([B, S])."""
@@ -179,7 +139,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
         self.ffn = FeedForward(config, layer)
 
-    def __call__(self, x: mx.array, cache: KVCache | list | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache=None) -> mx.array:
         h = x + self.attn(self.attn_norm(x), cache)
         return h + self.ffn(self.ffn_norm(h))
 
@@ -192,7 +152,7 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(config.model_dim, eps=config.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache: list | None = None) -> mx.array:
-        """``cache``: one entry per layer (a cache, or a list of per-row caches: see Attention)."""
+        """``cache``: one entry per layer (see Attention)."""
         h = self.token_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache is not None else None)

@@ -1,111 +1,101 @@
-"""One decoding step, compiled with ``mx.compile`` where MLX runs the whole step.
+"""One decoding step over the engine's batch KV cache (cache.BatchKVCache), compiled with
+``mx.compile`` where MLX runs the whole step.
 
-A compiled function is retraced whenever an input's shape changes, and the usual decode step
-changes shape every token (the attended history grows by one).  Here the step attends over the
-cache's whole allocated buffer under a mask of the positions written so far, and takes the
-position as an array, so one trace serves the 256 positions of a cache allocation step
-(``cache.KVCache.step``); a longer buffer is a new shape and one new trace.
+A compiled function is traced once per distinct set of input shapes.  The step's inputs are the
+tokens ``[slots, 1]``, the slots' positions ``[slots]`` and per layer the buffers ``[slots,
+kv_heads, capacity, head_dim]``; the step writes each row's key and value at its own position
+(one scatter per layer) and attends over the whole capacity under a mask of the positions each
+row has written.  So the shapes change only when the buffer does: its slots are bucketed (1, 2,
+4, 8 ... ``cache.slot_bucket``) and its capacity grows in steps of ``KVCache.step``, and the step
+is traced at most once per (slots, capacity) bucket it meets.  ``TRACES`` counts the traces and
+the time they took (``/metrics``, ``bench --batch``).
 
-The compiled step runs where MLX's kernels do the work: GPUs, and CPU models whose matmuls
-stay in MLX (quantized or half-precision weights, small float32 models, or
-``OPENELM_MLX_MATMUL=mlx``).  A float32 model with large layers (every OpenELM) decodes eagerly
-on the CPU instead, through cpu.py's NumPy gemv, which is faster there and cannot be traced
-(``cpu.numpy_decoding`` has the measured size rule).
+A batch of one slot runs eagerly (its keys end at its last position: no mask, no wasted span),
+and so does every step of a model whose matmuls leave MLX (cpu.py's NumPy routes, taken by
+float32 models with large layers on the CPU, ``cpu.numpy_decoding``: faster there, not traceable).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 
 from . import cpu
-from .cache import KVCache
+from .cache import BatchKVCache, RowsShared
 from .model import OpenELM
 
 
-class StepCache:
-    """One layer's cache inside the compiled step: a fixed buffer written at ``offset`` (an array)."""
+@dataclass
+class TraceCount:
+    """Traces of compiled steps in this process, and the seconds spent tracing them."""
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
-        self.keys, self.values, self.offset = keys, values, offset
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.keys = mx.slice_update(self.keys, keys, self.offset, axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.offset, axes=(2,))
-        return self.keys, self.values
-
-    def mask(self, n: int) -> mx.array:
-        # Buffer positions beyond the new token hold zeros (or rejected drafts): never attended.
-        return mx.arange(self.keys.shape[2]) < self.offset + n
+    traces: int = 0
+    seconds: float = 0.0
 
 
-class CompiledStep:
-    """``step(tokens[B, 1], rows) -> logits[B, 1, vocab]``: one token for each of B sequences, each
-    with its own cache (``rows[b]`` is sequence b's list of per-layer caches), advanced like ``model(...)``.
+TRACES = TraceCount()
 
-    Retrace rule: a trace is keyed on the input shapes, that is on B and on each row's buffer
-    length (a multiple of ``KVCache.step``); MLX keeps every trace, so a batch shape seen before
-    reuses its trace, and a lone sequence retraces once per 256 positions."""
 
-    def __init__(self, model: OpenELM):
-        self.model = model
-        n_layers = len(model.layers)
+def activation_dtype(model: OpenELM) -> mx.Dtype:
+    """The dtype of the model's activations, and so of its KV cache."""
+    embedding = model.transformer.token_embeddings
+    return embedding.scales.dtype if "scales" in embedding else embedding.weight.dtype
 
-        def step(tokens: mx.array, offsets: mx.array, keys: list, values: list):
-            B = tokens.shape[0]
-            # keys/values are flat, row-major: row b's layer l is at b * n_layers + l.
-            rows = [
-                [
-                    StepCache(keys[b * n_layers + i], values[b * n_layers + i], offsets[b : b + 1])
-                    for i in range(n_layers)
-                ]
-                for b in range(B)
-            ]
-            per_layer = [[rows[b][i] for b in range(B)] for i in range(n_layers)]
-            logits = model(tokens, cache=per_layer)
-            flat = [c for row in rows for c in row]
-            return logits, [c.keys for c in flat], [c.values for c in flat]
 
-        # The weights are captured as inputs, so a model updated later is not baked in stale.
-        self._step = mx.compile(step, inputs=model.state)
+class DecodeStep:
+    """``step(tokens[slots, 1], batch, decoding) -> logits[slots, 1, vocab]``: one token for every
+    slot of ``batch`` (free slots and slots still prefilling take a padding token, and their
+    results are dropped); the slots listed in ``decoding`` advance by one position."""
 
-    def __call__(self, tokens: mx.array, rows: list[list[KVCache]]) -> mx.array:
-        if any(cache[0].keys is None for cache in rows):  # nothing to shape the buffers after yet
-            return eager_step(self.model, tokens, rows)
-        for cache in rows:
-            for c in cache:
-                c.reserve(1)
-        offsets = [cache[0].offset for cache in rows]
-        flat = [c for cache in rows for c in cache]
-        logits, keys, values = self._step(tokens, mx.array(offsets), [c.keys for c in flat], [c.values for c in flat])
-        for c, k, v in zip(flat, keys, values, strict=True):
-            c.keys, c.values = k, v
-        for cache, offset in zip(rows, offsets, strict=True):
-            for c in cache:
-                c.offset = offset + 1
+    def __init__(self, model: OpenELM, compiled: bool):
+        self.model, self.compiled = model, compiled
+        self.dtype = activation_dtype(model)
+        self.traces = 0
+        self._step = mx.compile(self._traced, inputs=model.state) if compiled else None
+
+    def _traced(self, tokens: mx.array, positions: mx.array, keys: list, values: list):
+        # Runs only while MLX traces (once per input shapes): the count is of traces.
+        self.traces += 1
+        TRACES.traces += 1
+        shared = RowsShared(keys, values, positions, 1, keys[0].shape[2])
+        logits = self.model(tokens, cache=_rows(shared, len(keys)))
+        return logits, shared.keys, shared.values
+
+    def __call__(self, tokens: mx.array, batch: BatchKVCache, decoding: list[int]) -> mx.array:
+        every = list(range(batch.slots))
+        if self._step is None or batch.slots == 1:
+            logits = self.model.infer(tokens, cache=batch.rows(every, 1, self.dtype))
+        else:
+            batch.rows(every, 1, self.dtype)  # allocates and reserves the position
+            before, t0 = self.traces, time.perf_counter()
+            positions = mx.array(batch.offsets, dtype=mx.int32)
+            logits, keys, values = self._step(tokens, positions, list(batch.keys), list(batch.values))
+            if self.traces != before:
+                TRACES.seconds += time.perf_counter() - t0
+            batch.keys[:], batch.values[:] = keys, values
+        batch.advance(decoding, 1)
         return logits
 
 
-def eager_step(model: OpenELM, tokens: mx.array, rows: list[list[KVCache]]) -> mx.array:
-    """The same step without compiling (cpu.py's NumPy routes may run inside)."""
-    if len(rows) == 1:
-        return model.infer(tokens, cache=rows[0])
-    return model.infer(tokens, cache=[list(layer) for layer in zip(*rows, strict=True)])
+def _rows(shared: RowsShared, n_layers: int) -> list:
+    from .cache import Rows
+
+    return [Rows(shared, i) for i in range(n_layers)]
 
 
-def decoder(model: OpenELM) -> Callable[[mx.array, list[list[KVCache]]], mx.array]:
-    """The fastest one-token forward for ``model`` here: ``decode(tokens[B, 1], rows) -> logits``."""
-    if not uses_compiled_step(model):
-        return lambda tokens, rows: eager_step(model, tokens, rows)
-    step = getattr(model, "_compiled_step", None)
-    if step is None:  # one per model, so its traces are reused from one generation to the next
-        step = model._compiled_step = CompiledStep(model)
+def decoder(model: OpenELM) -> DecodeStep:
+    """The decode step for ``model`` here, one per model so its traces are reused from one
+    engine to the next."""
+    step = getattr(model, "_decode_step", None)
+    if step is None:
+        step = model._decode_step = DecodeStep(model, uses_compiled_step(model))
     return step
 
 
 def uses_compiled_step(model: OpenELM) -> bool:
-    """Whether decoding ``model`` here goes through ``CompiledStep`` (see the module docstring)."""
+    """Whether decoding ``model`` here goes through the compiled step (see the module docstring)."""
     if not cpu.on_cpu():
         return True
     embedding = model.transformer.token_embeddings

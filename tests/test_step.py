@@ -1,4 +1,5 @@
-"""The compiled decoding step (step.py) against the model's own full forward pass."""
+"""The decode step over the batch KV cache (step.py, cache.BatchKVCache) against the model's own
+full forward pass; its op count does not grow with the batch; traces stay one per bucket."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -7,6 +8,7 @@ import pytest
 from helpers import build_model, random_weights, rel_err, small_config
 
 from openelm_mlx import cpu, step
+from openelm_mlx.cache import BatchKVCache, KVCache
 from openelm_mlx.generate import generate_tokens
 
 TOL = 1e-4  # as in test_model
@@ -20,47 +22,72 @@ def mlx_routes(monkeypatch):
     cpu.numpy_routes.cache_clear()
 
 
+def batch_for(model, slots: int) -> BatchKVCache:
+    c = model.config
+    batch = BatchKVCache(c.num_kv_heads, c.head_dim, max_slots=slots)
+    for _ in range(slots):
+        batch.take()
+    return batch
+
+
+def prefill_slots(model, batch, prompts):
+    for slot, p in enumerate(prompts):
+        model(mx.array([p]), cache=batch.view(slot))
+
+
 @pytest.mark.parametrize("name", ["tied", "untied", "no_glu", "mqa_groups2"])
 def test_compiled_steps_equal_the_full_forward(name):
+    # Two rows of different lengths decoding together, 295 steps: the buffer grows past 256
+    # positions (a new shape, one new trace) on the way.
     config = small_config(name)
     model = build_model(config, random_weights(config))
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 300))
-    full = np.array(model(mx.array(tokens)))
-    cache = model.make_cache()
-    parts = [np.array(model(mx.array(tokens[:, :5]), cache=cache))]
-    decode = step.CompiledStep(model)
-    # 295 steps: the buffer grows past 256 positions (a new shape, a new trace) on the way.
-    parts += [np.array(decode(mx.array(tokens[:, i : i + 1]), [cache])) for i in range(5, 300)]
-    assert cache[0].offset == 300 and cache[0].keys.shape[2] == 512
-    assert rel_err(np.concatenate(parts, axis=1), full.astype(np.float64)) < TOL
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 300))
+    full = [np.array(model(mx.array(tokens[i : i + 1]))) for i in range(2)]
+    batch = batch_for(model, 2)
+    prefill_slots(model, batch, [tokens[0, :5].tolist(), tokens[1, :9].tolist()])
+    decode = step.DecodeStep(model, compiled=True)
+    parts = [[], []]
+    for i in range(295):
+        fed = [int(tokens[0, 5 + i]), int(tokens[1, min(9 + i, 299)])]
+        live = [0, 1] if 9 + i < 300 else [0]
+        logits = np.array(decode(mx.array(fed, dtype=mx.uint32)[:, None], batch, live))
+        for r in live:
+            parts[r].append(logits[r : r + 1])
+    assert batch.offsets == [300, 300] and batch.capacity == 512 and decode.traces == 2
+    assert rel_err(np.concatenate(parts[0], axis=1), full[0][:, 5:].astype(np.float64)) < TOL
+    assert rel_err(np.concatenate(parts[1], axis=1), full[1][:, 9:].astype(np.float64)) < TOL
 
 
 def test_positions_past_the_offset_are_masked():
     # After a trim (rejected drafts) the buffer still holds the dropped positions' keys.
     config = small_config("tied")
     model = build_model(config, random_weights(config))
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 12))
-    cache = model.make_cache()
-    model(mx.array(tokens[:, :10]), cache=cache)
-    for c in cache:
-        c.trim(4)  # 6 kept; positions 6..9 are stale in the buffer
-    logits = np.array(step.CompiledStep(model)(mx.array(tokens[:, 6:7]), [cache]))
-    expected = np.array(model(mx.array(tokens[:, :7])))[:, -1:]
-    assert rel_err(logits, expected.astype(np.float64)) < TOL
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 12))
+    batch = batch_for(model, 2)
+    prefill_slots(model, batch, [tokens[0, :10].tolist(), tokens[1, :3].tolist()])
+    batch.trim(0, 4)  # 6 kept; positions 6..9 are stale in the buffer
+    fed = mx.array([int(tokens[0, 6]), int(tokens[1, 3])], dtype=mx.uint32)[:, None]
+    logits = np.array(step.DecodeStep(model, compiled=True)(fed, batch, [0, 1]))
+    expected = np.array(model(mx.array(tokens[:1, :7])))[:, -1:]
+    assert rel_err(logits[:1], expected.astype(np.float64)) < TOL
 
 
 def test_quantized_compiled_step_equals_eager():
     config = small_config("untied")
     model = build_model(config, random_weights(config))
     nn.quantize(model, group_size=32, bits=4)
-    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (1, 30))
-    eager_cache, compiled_cache = model.make_cache(), model.make_cache()
-    model(mx.array(tokens[:, :5]), cache=eager_cache)
-    model(mx.array(tokens[:, :5]), cache=compiled_cache)
-    decode = step.CompiledStep(model)
-    a = [np.array(decode(mx.array(tokens[:, i : i + 1]), [compiled_cache])) for i in range(5, 30)]
-    b = [np.array(model(mx.array(tokens[:, i : i + 1]), cache=eager_cache)) for i in range(5, 30)]
-    assert rel_err(np.concatenate(a, 1), np.concatenate(b, 1).astype(np.float64)) < TOL
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 30))
+    eager = [model.make_cache(), model.make_cache()]
+    batch = batch_for(model, 2)
+    prefill_slots(model, batch, [tokens[0, :5].tolist(), tokens[1, :5].tolist()])
+    for r in range(2):
+        model(mx.array(tokens[r : r + 1, :5]), cache=eager[r])
+    decode = step.DecodeStep(model, compiled=True)
+    a = [np.array(decode(mx.array(tokens[:, i : i + 1]).astype(mx.uint32), batch, [0, 1])) for i in range(5, 30)]
+    for r in range(2):
+        b = [np.array(model(mx.array(tokens[r : r + 1, i : i + 1]), cache=eager[r])) for i in range(5, 30)]
+        got = np.concatenate([x[r : r + 1] for x in a], 1)
+        assert rel_err(got, np.concatenate(b, 1).astype(np.float64)) < TOL
 
 
 def test_which_models_decode_compiled(monkeypatch):
@@ -95,15 +122,62 @@ def test_float32_decoding_route_follows_layer_size(monkeypatch):
     assert step.uses_compiled_step(model)
 
 
-def test_generation_continues_a_cache_through_compiled_steps(mlx_routes, monkeypatch):
+def test_generation_continues_a_cache_through_decode_steps(mlx_routes, monkeypatch):
     calls = []
-    real = step.CompiledStep.__call__
-    monkeypatch.setattr(step.CompiledStep, "__call__", lambda self, t, c: calls.append(1) or real(self, t, c))
+    real = step.DecodeStep.__call__
+    monkeypatch.setattr(step.DecodeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     config = small_config("untied")
     model = build_model(config, random_weights(config, seed=7))
     cache, history = model.make_cache(), []
     first = list(generate_tokens(model, list(range(3, 20)), max_tokens=12, cache=cache, history=history))
+    assert cache[0].offset == len(history) - 1  # the conversation's state came back, all but the last token
     second = list(generate_tokens(model, [5, 6, 7], max_tokens=12, cache=cache, history=history))
-    assert len(calls) == 22  # every token after each prompt's first came from the compiled step
+    assert len(calls) == 22  # every token after each prompt's first came from the decode step
     fresh = list(generate_tokens(model, list(range(3, 20)) + first + [5, 6, 7], max_tokens=12))
     assert second == fresh
+
+
+# --- ops per step and traces ---------------------------------------------------------------------------
+
+
+def count_ops(tmp_path, *outputs: mx.array) -> int:
+    """Primitives in the (unevaluated) graph behind ``outputs``: on a GPU, kernels launched."""
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), *outputs)
+    return path.read_text().count("shape=rectangle")
+
+
+def decode_graph(model, slots: int, compiled: bool) -> mx.array:
+    """The logits of one decode step at ``slots`` rows of different lengths, not yet evaluated."""
+    rng = np.random.default_rng(slots)
+    batch = batch_for(model, slots)
+    prefill_slots(model, batch, [rng.integers(3, 200, 2 + 3 * r).tolist() for r in range(slots)])
+    mx.eval(batch.keys, batch.values)
+    tokens = mx.array(rng.integers(3, 200, (slots, 1)), dtype=mx.uint32)
+    mx.eval(tokens)
+    decode = step.DecodeStep(model, compiled=compiled)
+    return decode(tokens, batch, list(range(slots)))
+
+
+def test_ops_per_decode_step_do_not_grow_with_the_batch(mlx_routes, tmp_path):
+    config = small_config("untied")
+    model = build_model(config, random_weights(config))
+    compiled = {b: count_ops(tmp_path, decode_graph(model, b, True)) for b in (2, 16, 32)}
+    assert compiled[2] == compiled[16] == compiled[32], compiled
+    # Eagerly (cpu.py pads a CPU matmul's rows to 16: 16 and 32 rows add no padding ops).
+    eager = {b: count_ops(tmp_path, decode_graph(model, b, False)) for b in (16, 32)}
+    assert eager[16] == eager[32], eager
+    assert compiled[16] < 20 * config.num_transformer_layers  # the per-row caches took ~100 per layer at 16
+
+
+def test_a_batch_of_one_passes_no_mask(mlx_routes):
+    config = small_config("tied")
+    model = build_model(config, random_weights(config))
+    batch = batch_for(model, 1)
+    prefill_slots(model, batch, [[1, 5, 9]])
+    rows = batch.rows([0], 1, mx.float32)
+    assert rows[0].mask(1) is None and batch.rows([0], 1, mx.float32)[0].shared.span == 4
+    two = batch_for(model, 2)
+    prefill_slots(model, two, [[1, 5, 9], [1, 5]])
+    assert two.rows([0, 1], 1, mx.float32)[0].mask(1).shape == (2, 1, 1, 4)
+    assert KVCache.mask(1) is None
