@@ -167,7 +167,6 @@ def test_ops_per_decode_step_do_not_grow_with_the_batch(mlx_routes, tmp_path):
     # Eagerly (cpu.py pads a CPU matmul's rows to 16: 16 and 32 rows add no padding ops).
     eager = {b: count_ops(tmp_path, decode_graph(model, b, False)) for b in (16, 32)}
     assert eager[16] == eager[32], eager
-    assert compiled[16] < 20 * config.num_transformer_layers  # the per-row caches took ~100 per layer at 16
 
 
 def test_a_batch_of_one_passes_no_mask(mlx_routes):
