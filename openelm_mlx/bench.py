@@ -24,7 +24,7 @@ from .blas import describe
 from .engine import Engine, GenParams
 from .generate import generate_tokens, peak_memory_gb
 from .loading import load_model
-from .step import uses_compiled_step
+from .step import TRACES, uses_compiled_step
 
 
 @dataclass
@@ -197,6 +197,9 @@ def bench(
         "bandwidth_measured_gbps": bandwidth,
         "bandwidth_fraction": summary["openelm-mlx"]["bandwidth_fraction"],
         "weight_bytes_per_token": bytes_per_token,
+        # Traces of the compiled decode step in this run (one per slots x capacity bucket met).
+        "compiled_traces": TRACES.traces,
+        "compiled_trace_seconds": TRACES.seconds,
     }
     if "mlx-lm" in engines:
         report["ratio"] = {
@@ -236,6 +239,7 @@ def format_report(r: dict) -> str:
         )
     if batch > 1:
         lines.append(f"decode tok/s is the aggregate over {batch} sequences; prompt tok/s covers all {batch} prompts")
+        lines.append(f"compiled step traces: {r['compiled_traces']} ({r['compiled_trace_seconds']:.2f} s tracing)")
     lines.append(
         f"memory bandwidth {r['bandwidth_gbps']:.1f} GB/s "
         f"({', '.join(f'{k} {v:.1f}' for k, v in r['bandwidth_measured_gbps'].items() if k != 'gbps')}); "

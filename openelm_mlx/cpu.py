@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -56,7 +57,9 @@ QUANTIZED_DEQUANTIZE_MIN_ROWS = 6
 # 25.5 MB 1.15x, 68 MB (270M) 1.58x.
 NUMPY_DECODE_MIN_LAYER_BYTES = 14_000_000
 _inference: ContextVar[bool] = ContextVar("openelm_mlx_inference", default=False)
-_second_stream: list = []
+# MLX streams belong to the thread that made them (a server's engine thread clears its own when
+# it ends), so each thread makes its own second stream the first time it needs one.
+_streams = threading.local()
 
 
 @contextlib.contextmanager
@@ -164,10 +167,11 @@ def matmul_t(x: mx.array, w: mx.array) -> mx.array:
 
 def _halves(rows: int) -> tuple[tuple[slice, mx.Stream], tuple[slice, mx.Stream]]:
     """Output rows split in two, one half per CPU stream (MLX runs each stream on its own thread)."""
-    if not _second_stream:
-        _second_stream.append(mx.new_stream(mx.cpu))
+    second = getattr(_streams, "second", None)
+    if second is None:
+        second = _streams.second = mx.new_stream(mx.cpu)
     n = rows // 2
-    return (slice(0, n), mx.default_stream(mx.cpu)), (slice(n, None), _second_stream[0])
+    return (slice(0, n), mx.default_stream(mx.cpu)), (slice(n, None), second)
 
 
 @functools.cache

@@ -53,6 +53,7 @@ class DecodeStep:
         self.model, self.compiled = model, compiled
         self.dtype = activation_dtype(model)
         self.traces = 0
+        self.buckets: set[tuple[int, int]] = set()  # (slots, capacity) shapes the compiled step met
         self._step = mx.compile(self._traced, inputs=model.state) if compiled else None
 
     def _traced(self, tokens: mx.array, positions: mx.array, keys: list, values: list):
@@ -69,6 +70,7 @@ class DecodeStep:
             logits = self.model.infer(tokens, cache=batch.rows(every, 1, self.dtype))
         else:
             batch.rows(every, 1, self.dtype)  # allocates and reserves the position
+            self.buckets.add((batch.slots, batch.capacity))
             before, t0 = self.traces, time.perf_counter()
             positions = mx.array(batch.offsets, dtype=mx.int32)
             logits, keys, values = self._step(tokens, positions, list(batch.keys), list(batch.values))

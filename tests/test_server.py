@@ -389,6 +389,24 @@ def test_metrics_count_requests_and_tokens(url):
     client(url).completions.create(model=BASE, prompt="And", max_tokens=3, temperature=0)
     after = (metric(url, "generation_tokens_total"), metric(url, "requests_total"))
     assert after[0] - before[0] == 3 and after[1] - before[1] >= 2  # the completion and a /metrics
+    # Sequences decoding together go through the compiled step: its traces are counted.
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda p: client(url).completions.create(model=BASE, prompt=p, max_tokens=8), ["A", "B", "C"]))
+    assert "# TYPE openelm_compiled_traces_total counter" in httpx.get(f"{url}/metrics").text
+    assert metric(url, "compiled_traces_total") >= 1
+
+
+def test_a_quantized_model_used_in_this_thread_then_served():
+    # MLX streams belong to their thread: the CPU's second stream for quantized matmuls is made
+    # per thread, so the server's engine thread works after the main thread has used the model.
+    import mlx.nn as nn
+
+    model, tok = load(BUNDLED)
+    nn.quantize(model, group_size=32, bits=4)
+    alone = generate(model, tok, "In the beginning", max_tokens=8)
+    with running({BASE: ServedModel(BASE, model, tok)}, Settings()) as u:
+        r = client(u).completions.create(model=BASE, prompt="In the beginning", max_tokens=8, temperature=0)
+    assert r.choices[0].text == alone
 
 
 def _nested(inner):

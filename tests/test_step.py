@@ -180,3 +180,30 @@ def test_a_batch_of_one_passes_no_mask(mlx_routes):
     prefill_slots(model, two, [[1, 5, 9], [1, 5]])
     assert two.rows([0, 1], 1, mx.float32)[0].mask(1).shape == (2, 1, 1, 4)
     assert KVCache.mask(1) is None
+
+
+def test_staggered_load_traces_at_most_once_per_bucket(mlx_routes):
+    # 40 requests, prompts of 1 to 600 tokens, arriving a few per round while others finish:
+    # the compiled step is traced at most once per (slots, capacity) bucket it meets.
+    from openelm_mlx.engine import Engine, GenParams
+
+    config = small_config("untied")
+    config.max_context_length = 1024
+    model = build_model(config, random_weights(config, seed=5))
+    rng = np.random.default_rng(11)
+    lengths = [1, 600] + rng.integers(1, 601, 38).tolist()
+    queue = [([1] + rng.integers(3, 300, n - 1).tolist(), int(rng.integers(4, 40))) for n in lengths]
+    engine = Engine(model, max_batch=16, prefill_chunk=256)
+    decode = engine.decode
+    assert decode.compiled
+    rounds = 0
+    while queue or engine.has_work():
+        for _ in range(int(rng.integers(0, 3))):
+            if queue:
+                prompt, n = queue.pop(0)
+                engine.submit(prompt, GenParams(max_tokens=n, ignore_eos=True))
+        engine.step()
+        rounds += 1
+    assert len(decode.buckets) >= 4  # the load did move between shapes
+    assert decode.traces <= len(decode.buckets), (decode.traces, sorted(decode.buckets))
+    assert step.TRACES.traces >= decode.traces and step.TRACES.seconds > 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+from ..step import TRACES
+
 # Label values for requests_total: known routes by name, everything else as "other",
 # so a scanner probing random paths cannot grow the series without bound.
 ROUTES = (
@@ -57,6 +59,11 @@ class Metrics:
                 f"# TYPE openelm_{name} counter",
                 f"openelm_{name} {_number(counters.get(name, 0))}",
             ]
+        out += [
+            "# HELP openelm_compiled_traces_total Traces of the compiled decode step (one per batch-shape bucket met).",
+            "# TYPE openelm_compiled_traces_total counter",
+            f"openelm_compiled_traces_total {TRACES.traces}",
+        ]
         for name, help_text in GAUGES.items():
             out += [
                 f"# HELP openelm_{name} {help_text}",
