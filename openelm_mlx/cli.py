@@ -148,7 +148,7 @@ def _size(gb: float) -> str:
 
 
 def _figures(r, verbose: bool) -> str:
-    from . import blas, cpu
+    from . import blas
 
     line = (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tokens/s | "
@@ -161,7 +161,9 @@ def _figures(r, verbose: bool) -> str:
     if verbose:
         import mlx.core as mx
 
-        line += f" | backend: {mx.default_device()}, BLAS: {blas.describe()}, routes: {cpu.describe()}"
+        from . import runtime
+
+        line += f" | backend: {mx.default_device()}, BLAS: {blas.describe()}, runtime: {runtime.select().describe()}"
     return line
 
 
@@ -624,6 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import cpu
 
             cpu._choice()  # refuse a bogus value now, not once generation has started
+        if os.environ.get("OPENELM_MLX_RUNTIME"):
+            from . import runtime
+
+            runtime.choice()
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except OpenELMError as e:

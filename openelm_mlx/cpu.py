@@ -231,3 +231,11 @@ def describe() -> str:
     else:
         one_row = numpy_blas if one else "MLX"
     return f"float32 decoding matmuls: {one_row}; prompt matmuls: {numpy_blas if many else 'MLX'}"
+
+
+class CPURoutes:
+    """The CPU runtime's matmul plug-in (runtime.py swaps it into the model's layers at load)."""
+
+    matmul_t = staticmethod(matmul_t)
+    quantized_matmul_t = staticmethod(quantized_matmul_t)
+    inference = staticmethod(inference)

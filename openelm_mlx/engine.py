@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import runtime
 from .cache import BatchKVCache, KVCache
 from .errors import OpenELMError
 from .model import OpenELM
@@ -187,6 +188,9 @@ class Engine:
         if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
             raise OpenELMError("--draft-model has a different vocabulary from --model")
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
+        self.runtime = runtime.of(model)  # chosen at load; now for a model built without load()
+        if draft_model is not None:
+            runtime.of(draft_model)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.kv_budget_bytes = kv_budget_bytes
         self.prefix_cache = PrefixCache(prompt_cache_bytes)
@@ -392,6 +396,7 @@ class Engine:
                 mx.eval(logits)
                 continue
             self.prefilling.pop(0)
+            runtime.after_prefill(s.prompt_tokens)
             out += self._prefilled(s, logits[-1])
         return out
 

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import runtime
 from .config import OpenELMConfig
 from .errors import CheckpointError, ConfigError, OpenELMError
 from .model import OpenELM
@@ -90,6 +91,7 @@ def load_model(model_dir: str | Path) -> OpenELM:
     mx.eval(model.parameters())
     meta = raw.get("openelm_mlx") if isinstance(raw.get("openelm_mlx"), dict) else {}
     model.is_instruct = bool(meta.get("instruct")) or "instruct" in model_dir.name.lower()
+    runtime.prepare(model)  # the device's matmul routes, decode step and memory policy, once
     return model
 
 

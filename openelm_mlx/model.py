@@ -7,59 +7,92 @@ and the converted directories also load in ``mlx_lm``.
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu
 from .cache import KVCache, make_cache
 from .config import OpenELMConfig
 
-# --- layers that take the faster CPU routes of cpu.py ------------------------------------------
+# --- the matmul plug-in --------------------------------------------------------------------------
+
+
+class MLXRoutes:
+    """Every matmul as MLX's own op: the default, and what the GPU runtimes (and ``gpu-path`` on
+    the CPU) use.  A runtime swaps in its own routes at load (runtime.py; the CPU runtime's are
+    cpu.py's ``CPURoutes``); the layers below call whichever they hold."""
+
+    @staticmethod
+    def matmul_t(x: mx.array, w: mx.array) -> mx.array:
+        return x @ w.T
+
+    @staticmethod
+    def quantized_matmul_t(
+        x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, mode: str
+    ) -> mx.array:
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+    @staticmethod
+    def inference() -> contextlib.AbstractContextManager:
+        """Entered around inference-only model calls (``OpenELM.infer``)."""
+        return contextlib.nullcontext()
 
 
 class QuantizedLinear(nn.QuantizedLinear):
+    routes = MLXRoutes
+
     def __call__(self, x: mx.array) -> mx.array:
-        if not cpu.on_cpu() or "bias" in self:
+        if "bias" in self:
             return super().__call__(x)
-        return cpu.quantized_matmul_t(
+        return self.routes.quantized_matmul_t(
             x, self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode
         )
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
+    routes = MLXRoutes
+
     def as_linear(self, x: mx.array) -> mx.array:
-        if not cpu.on_cpu():
-            return super().as_linear(x)
-        return cpu.quantized_matmul_t(
+        return self.routes.quantized_matmul_t(
             x, self.weight, self.scales, self.get("biases"), self.group_size, self.bits, self.mode
         )
 
 
 class Linear(nn.Linear):
-    """nn.Linear with the CPU routes, whose quantized form is the QuantizedLinear above."""
+    """nn.Linear through the runtime's routes, whose quantized form is the QuantizedLinear above."""
+
+    routes = MLXRoutes
 
     def __call__(self, x: mx.array) -> mx.array:
         if "bias" in self:
             return super().__call__(x)
-        return cpu.matmul_t(x, self.weight)
+        return self.routes.matmul_t(x, self.weight)
 
     def to_quantized(
         self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", quantize_input: bool = False
     ) -> nn.Module:
         if quantize_input:
             return super().to_quantized(group_size, bits, mode, quantize_input)
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+        q = QuantizedLinear.from_linear(self, group_size, bits, mode)
+        q.routes = self.routes
+        return q
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding with the CPU routes for the tied head, whose quantized form is the QuantizedEmbedding above."""
+    """nn.Embedding whose tied head goes through the runtime's routes; its quantized form is the
+    QuantizedEmbedding above."""
+
+    routes = MLXRoutes
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return cpu.matmul_t(x, self.weight)
+        return self.routes.matmul_t(x, self.weight)
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine") -> nn.Module:
-        return QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+        q = QuantizedEmbedding.from_embedding(self, group_size, bits, mode)
+        q.routes = self.routes
+        return q
 
 
 class Attention(nn.Module):
@@ -162,6 +195,8 @@ class Transformer(nn.Module):
 class OpenELM(nn.Module):
     """``model(tokens[B, S], cache=None) -> logits[B, S, vocab]``."""
 
+    routes = MLXRoutes  # set with every layer's by runtime.prepare
+
     def __init__(self, config: OpenELMConfig):
         super().__init__()
         self.config = config
@@ -183,9 +218,9 @@ class OpenELM(nn.Module):
         return self.lm_head(h)
 
     def infer(self, tokens: mx.array, cache: list[KVCache] | None = None, last_only: bool = False) -> mx.array:
-        """``self(...)`` for inference: on the CPU its matmuls may take cpu.py's NumPy routes, which
-        are faster there but neither differentiable nor compilable."""
-        with cpu.inference():
+        """``self(...)`` for inference: the CPU runtime's matmuls may then take cpu.py's NumPy
+        routes, which are faster there but neither differentiable nor compilable."""
+        with self.routes.inference():
             return self(tokens, cache, last_only)
 
     @property

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from . import cpu
-from .cache import BatchKVCache, RowsShared
+from . import runtime
+from .cache import BatchKVCache, Rows, RowsShared
 from .model import OpenELM
 
 
@@ -81,9 +81,7 @@ class DecodeStep:
         return logits
 
 
-def _rows(shared: RowsShared, n_layers: int) -> list:
-    from .cache import Rows
-
+def _rows(shared: RowsShared, n_layers: int) -> list[Rows]:
     return [Rows(shared, i) for i in range(n_layers)]
 
 
@@ -97,10 +95,5 @@ def decoder(model: OpenELM) -> DecodeStep:
 
 
 def uses_compiled_step(model: OpenELM) -> bool:
-    """Whether decoding ``model`` here goes through the compiled step (see the module docstring)."""
-    if not cpu.on_cpu():
-        return True
-    embedding = model.transformer.token_embeddings
-    if embedding.weight.dtype != mx.float32 or "scales" in embedding:
-        return True
-    return not cpu.numpy_decoding(model.weight_bytes // len(model.layers))
+    """Whether decoding ``model`` goes through the compiled step: its runtime's choice."""
+    return runtime.of(model).compiled_for(model)

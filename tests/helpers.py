@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import numpy as np
 
-from openelm_mlx import OpenELM, OpenELMConfig
+from openelm_mlx import OpenELM, OpenELMConfig, runtime
 
 # Small configs covering every architectural switch; query heads differ per layer in all.
 SMALL_CONFIGS = {
@@ -50,6 +50,7 @@ def random_weights(config: OpenELMConfig, seed: int = 0) -> dict[str, np.ndarray
 def build_model(config: OpenELMConfig, weights: dict[str, np.ndarray], dtype=mx.float32) -> OpenELM:
     model = OpenELM(config)
     model.load_weights([(k, mx.array(v).astype(dtype)) for k, v in weights.items()])
+    runtime.prepare(model)  # as load() does
     mx.eval(model.parameters())
     return model
 

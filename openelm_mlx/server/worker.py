@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .. import runtime
 from ..engine import Engine, GenParams, Output
 from ..errors import OpenELMError
 from .metrics import Metrics
@@ -87,6 +88,7 @@ class Worker:
             mx.clear_streams()
 
     def _loop(self) -> None:
+        was_busy = False
         while True:
             self.wake.clear()
             self._take_inbox()
@@ -97,8 +99,12 @@ class Worker:
             if not busy:
                 if self.closing:
                     return
+                if was_busy:  # the first idle moment: hand MLX's cached buffers back
+                    runtime.on_idle()
+                was_busy = False
                 self.wake.wait(0.25 if self.drain_deadline is not None else 5.0)
                 continue
+            was_busy = True
             for name in busy:
                 self._step(name)
             self._gauges()
