@@ -1,7 +1,9 @@
 """Conversions that ``load()`` makes on the fly, kept under ``~/.cache/openelm-mlx``.
 
 ``load("apple/OpenELM-270M")`` or ``load("folder/with/pytorch_model.bin")`` converts once and
-reuses the result. Each entry records the source's content identity (the resolved Hub snapshot
+reuses the result.  An entry is keyed on the source, the dtype (``auto`` resolves by backend:
+float32 on the CPU, bfloat16 on a GPU) and the backend, so a conversion made on one device or in
+one dtype is never served for another.  Each entry records the source's content identity (the resolved Hub snapshot
 or local path, and for every file the conversion reads: its size, modification time and a hash of
 its first and last 64 KiB, which hold safetensors headers and zip directories): when the source
 changes, the next ``load()`` converts it again instead of silently serving the old weights.
@@ -68,9 +70,17 @@ def _resolve(src: str) -> tuple[Path, str]:
     raise OpenELMError(f"{src}: no such file or directory (and not a Hub repo id like apple/OpenELM-270M)")
 
 
-def entry_dir(identity: str) -> Path:
+def backend() -> str:
+    """The device kind conversions are made for ("cpu" or "gpu")."""
+    import mlx.core as mx
+
+    return "cpu" if mx.default_device() == mx.cpu else "gpu"
+
+
+def entry_dir(identity: str, dtype: str, device: str) -> Path:
     name = Path(identity).name or "model"
-    return cache_root() / f"{name}-{hashlib.sha1(identity.encode()).hexdigest()[:8]}"
+    key = f"{identity}\0{dtype}\0{device}"
+    return cache_root() / f"{name}-{dtype}-{device}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 def _read_marker(entry: Path) -> dict:
@@ -81,15 +91,21 @@ def _read_marker(entry: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def convert_into_cache(src: str, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Path:
-    """The cached conversion of ``src``, converting (again) when it is missing or the source changed."""
-    from .convert.pipeline import convert
+def convert_into_cache(
+    src: str, dtype: str = "auto", log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)
+) -> Path:
+    """The cached conversion of ``src`` in ``dtype`` for this backend, converting (again) when it
+    is missing or the source changed."""
+    from .convert.pipeline import convert, pick_dtype
 
+    dtype, _ = pick_dtype(dtype)
+    device = backend()
     local, identity = _resolve(src)
-    dst = entry_dir(identity)
+    dst = entry_dir(identity, dtype, device)
     current = fingerprint(local)
     recorded = _read_marker(dst)
-    if recorded.get("fingerprint") == current and (dst / "config.json").is_file():
+    same = recorded.get("dtype") == dtype and recorded.get("backend") == device
+    if recorded.get("fingerprint") == current and same and (dst / "config.json").is_file():
         return dst
     if recorded:
         log(f"{src} changed since it was converted into {dst}: converting it again ...")
@@ -97,8 +113,8 @@ def convert_into_cache(src: str, log: Callable[[str], None] = lambda s: print(s,
         log(f"converting {src} into {dst} (once) ...")
     cache_root().mkdir(parents=True, exist_ok=True)
     # Convert what was fingerprinted: the resolved local copy, not the repo id a second time.
-    convert(str(local), dst, force=dst.exists(), log=log)
-    marker = {"source": src, "path": str(local), "fingerprint": current}
+    convert(str(local), dst, dtype=dtype, force=dst.exists(), log=log)
+    marker = {"source": src, "path": str(local), "fingerprint": current, "dtype": dtype, "backend": device}
     tmp = dst / f".{MARKER}.tmp"
     tmp.write_text(json.dumps(marker, indent=2) + "\n")
     os.replace(tmp, dst / MARKER)  # atomic: a killed run leaves no marker, so it converts again

@@ -202,6 +202,7 @@ class Engine:
         self.running: list[_Sequence] = []
         self._cancelled: set[int] = set()
         self._kv_per_token = _kv_bytes_per_token(model)
+        self._finite: mx.array | None = None  # whether the last decode step's logits were all finite
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -318,6 +319,7 @@ class Engine:
         return out
 
     def _decode_round(self) -> list[Output]:
+        self._check_finite()  # the previous step's, whose tokens this round emits
         # A row whose pending token is its last one (max tokens) only emits it: nothing to feed.
         last_one = [s for s in self.running if s.fresh and s.generated + 1 >= s.params.max_tokens]
         rows = [s for s in self.running if s not in last_one]
@@ -342,6 +344,7 @@ class Engine:
         parts = [by_slot.get(i, pad) for i in range(self.batch.slots)]
         tokens = mx.concatenate(parts) if len(parts) > 1 else parts[0]
         logits = self.decode(tokens, self.batch, [s.slot for s in rows])[:, -1]
+        self._finite = mx.isfinite(logits).all()
         nexts = []
         for s in rows:
             if s.context is not None:
@@ -350,8 +353,19 @@ class Engine:
                 s.counts = s.counts.at[s.last.reshape(1)].add(1.0)
             y, lp = self._sample(s, logits[s.slot], s.context, s.counts)
             nexts.append((y, lp))
-        mx.async_eval([y for y, _ in nexts] + [a for _, lp in nexts if lp for a in lp if a is not None])
+        mx.async_eval(
+            [self._finite] + [y for y, _ in nexts] + [a for _, lp in nexts if lp for a in lp if a is not None]
+        )
         return nexts
+
+    def _check_finite(self, logits: mx.array | None = None) -> None:
+        finite = self._finite if logits is None else mx.isfinite(logits).all()
+        if finite is not None and not finite.item():
+            dtype = str(self.decode.dtype).removeprefix("mlx.core.")
+            raise OpenELMError(
+                f"the model's logits are not finite (inf or NaN): its activations overflow in {dtype}; "
+                "use bfloat16 or float32 (convert with --dtype bfloat16)"
+            )
 
     def _prefill_round(self) -> list[Output]:
         budget, out = self.prefill_chunk, []
@@ -403,6 +417,7 @@ class Engine:
     def _prefilled(self, s: _Sequence, logits: mx.array) -> list[Output]:
         """The prompt is in the cache: sample and emit the first token; the sequence decodes from the next round."""
         s.context = mx.array(s.history, dtype=mx.uint32) if _tracks_context(s) else None
+        self._check_finite(logits)
         y, lp = self._sample(s, logits, s.context, s.counts)
         o = self._emit(s, y.item(), lp)
         if s.finished is None:
@@ -464,6 +479,7 @@ class Engine:
         k = s.params.num_draft_tokens if self.draft_model is not None else s.params.prompt_lookup
         drafts = s.proposer(s.history, min(k, left - 1))
         logits = self.model.infer(mx.array([[y, *drafts]]), cache=self.batch.view(s.slot))[0]
+        self._check_finite(logits)
         generated = s.history[len(s.history) - s.generated :]
         picks = []
         for i in range(len(drafts) + 1):

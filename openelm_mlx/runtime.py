@@ -114,9 +114,17 @@ def _memory_policy(runtime: Runtime, model: OpenELM) -> None:
                 f"recommended working set ({recommended / 2**30:.1f} GiB); generation may be slow",
             )
         mx.set_wired_limit(recommended)
-    limit = mx.get_memory_limit() if hasattr(mx, "get_memory_limit") else 0
-    if limit:
-        mx.set_cache_limit(int(limit * CACHE_LIMIT_FRACTION))
+    mx.set_cache_limit(int(memory_limit() * CACHE_LIMIT_FRACTION))
+
+
+def memory_limit() -> int:
+    """MLX's memory limit (``mx.get_memory_limit`` is new in 0.32; before it, setting the limit
+    returns the previous one, so set it and put it back)."""
+    if hasattr(mx, "get_memory_limit"):
+        return mx.get_memory_limit()
+    previous = mx.set_memory_limit(1 << 40)
+    mx.set_memory_limit(previous)
+    return previous
 
 
 def after_prefill(tokens: int) -> None:

@@ -74,3 +74,20 @@ def test_cache_list_and_clear(tmp_path, cache):
     cleared = cli("cache", "--clear", env=env)
     assert cleared.returncode == 0 and "removed 1 cached conversion" in cleared.stdout
     assert [p.name for p in cache.iterdir()] == ["not-ours"] and (mine / "keep.txt").is_file()
+
+
+def test_entries_are_keyed_on_dtype_and_backend(tmp_path, cache, capfd):
+    from openelm_mlx.conversion_cache import backend, convert_into_cache
+
+    config = small_config("tied")
+    src = write_hf_folder(tmp_path / "src", config, random_weights(config), fmt="bin")
+    f32 = convert_into_cache(str(src), "float32")
+    bf16 = convert_into_cache(str(src), "bfloat16")
+    assert f32 != bf16 and "float32" in f32.name and "bfloat16" in bf16.name and backend() in f32.name
+    capfd.readouterr()
+    assert convert_into_cache(str(src), "float32") == f32  # reused, not converted again
+    assert "converting" not in capfd.readouterr().err
+    weights = {k: v for k, v in mx.load(str(bf16 / "model.safetensors")).items()}
+    assert all(v.dtype == mx.bfloat16 for v in weights.values())
+    # "auto" is the backend's dtype: float32 on the CPU, so the float32 entry.
+    assert convert_into_cache(str(src)) == (f32 if backend() == "cpu" else bf16)

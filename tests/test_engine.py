@@ -318,3 +318,39 @@ def test_prompts_prefilled_together_equal_alone(routes, quantized, monkeypatch):
             got.setdefault(ids[o.seq_id], []).extend(o.tokens)
     assert [got[i] for i in range(len(prompts))] == alone
     assert batched_prefills and batched_prefills[0] == (5, 12)  # 5 rows x the shortest prompt
+
+
+@pytest.mark.parametrize("lookup", [0, 3], ids=["plain", "prompt-lookup"])
+def test_non_finite_logits_end_generation_with_a_clear_error(lookup):
+    # float16 activations that overflow (Apple: OpenELM-3B in float16) give inf/NaN logits.
+    config = small_config("untied")
+    weights = {k: v * (3e3 if k.endswith("proj_1.weight") else 1) for k, v in random_weights(config, seed=3).items()}
+    model = build_model(config, weights, dtype=mx.float16)
+    engine = Engine(model)
+    engine.submit([1, 5, 9, 5, 9], GenParams(max_tokens=8, ignore_eos=True, prompt_lookup=lookup))
+    with pytest.raises(OpenELMError) as e:
+        while engine.has_work():
+            engine.step()
+    message = str(e.value)
+    assert "\n" not in message and "not finite" in message and "bfloat16 or float32" in message
+    assert "float16" in message
+
+
+def test_non_finite_logits_in_a_decode_step_end_generation(monkeypatch):
+    model = small_model()
+    engine = Engine(model)
+    real, calls = engine.decode, []
+
+    def overflowing(tokens, batch, decoding):
+        calls.append(1)
+        logits = real(tokens, batch, decoding)
+        return logits * mx.inf if len(calls) == 3 else logits
+
+    overflowing.dtype = real.dtype
+    engine.decode = overflowing
+    engine.submit([1, 5, 9], GenParams(max_tokens=20, ignore_eos=True))
+    engine.submit([1, 7], GenParams(max_tokens=20, ignore_eos=True))
+    with pytest.raises(OpenELMError, match="not finite"):
+        while engine.has_work():
+            engine.step()
+    assert len(calls) == 3

@@ -69,7 +69,7 @@ def test_memory_policy_caps_the_buffer_cache(monkeypatch):
     limits = []
     monkeypatch.setattr(mx, "set_cache_limit", lambda n: limits.append(n) or 0)
     built(monkeypatch, "gpu-path")
-    assert limits and 0 < limits[-1] <= mx.get_memory_limit() * runtime.CACHE_LIMIT_FRACTION
+    assert limits and 0 < limits[-1] <= runtime.memory_limit() * runtime.CACHE_LIMIT_FRACTION
     cleared = []
     monkeypatch.setattr(mx, "clear_cache", lambda: cleared.append(1))
     runtime.after_prefill(runtime.LONG_PREFILL_TOKENS - 1)
