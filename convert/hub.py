@@ -92,3 +92,8 @@ def download_file(repo_id: str, filename: str) -> Path:
                 "connect to the internet, or pass a local file instead"
             ) from None
         raise _explain(repo_id, e) from None
+
+
+def looks_local_path(text: str) -> bool:
+    """'models/typo' when ./models exists: a mistyped path, not a Hub repo."""
+    return Path(text).expanduser().parent.is_dir() and Path(text).parent != Path(".")

@@ -138,7 +138,7 @@ def convert(
         writer.write_json(tmp / "generation_config.json", gen)
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.model")
-            writer.write_json(tmp / "tokenizer_config.json", _TOKENIZER_CONFIG)
+            writer.write_json(tmp / "tokenizer_config.json", TOKENIZER_CONFIG)
         writer.write_text(tmp / "README.md", _model_card(hf_path, cfg, out_dtype, block, tok_path))
         report = None
         if run_verify:
@@ -183,7 +183,7 @@ def _convert_tensors(source: Source, dtype: mx.Dtype, modules: dict) -> dict[str
 
 
 # Lets transformers (and so mlx_lm.load) build the tokenizer from tokenizer.model alone.
-_TOKENIZER_CONFIG = {
+TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
     "eos_token": "</s>",

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import OpenELMConfig, preset_name
-from ..errors import CheckpointError, ConfigError, OpenELMError
-from ..loading import check_names, looks_local_path
+from ..errors import CheckpointError, ConfigError, OpenELMError, check_names
 from . import hub
+from .hub import looks_local_path
 from .safetensors_reader import read_safetensors
 from .tensors import FLOAT_DTYPES, LazyTensor
 from .torch_reader import read_torch_checkpoint, state_dict_tensors

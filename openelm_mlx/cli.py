@@ -118,10 +118,9 @@ def _read_prompt(prompt: str) -> str:
         raise OpenELMError(f"standard input is not valid UTF-8 (byte {e.start}); pass text encoded as UTF-8") from None
 
 
-BUNDLED_MODEL = Path(__file__).parent / "bundled" / "openelm-tiny-kjv"  # loading.BUNDLED_MODEL too
-
-
 def _model_path(args: argparse.Namespace) -> str:
+    from .loading import BUNDLED_MODEL
+
     if args.model:
         return args.model
     print(

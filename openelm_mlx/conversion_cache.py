@@ -60,12 +60,11 @@ def fingerprint(path: Path) -> str:
 def _resolve(src: str) -> tuple[Path, str]:
     """(local folder or file, identity) of ``src``; a Hub repo id is fetched (or found in the HF cache)."""
     from .convert import hub
-    from .loading import looks_local_path
 
     path = Path(src).expanduser()
     if path.exists():
         return path.resolve(), str(path.resolve())
-    if hub.looks_like_repo_id(src) and not looks_local_path(src):
+    if hub.looks_like_repo_id(src) and not hub.looks_local_path(src):
         return hub.download_checkpoint(src), src
     raise OpenELMError(f"{src}: no such file or directory (and not a Hub repo id like apple/OpenELM-270M)")
 

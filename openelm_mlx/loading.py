@@ -8,7 +8,6 @@ and per-module overrides of the ``quantization`` block in ``config.json``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ from mlx.utils import tree_flatten
 
 from . import runtime
 from .config import OpenELMConfig
-from .errors import CheckpointError, ConfigError, OpenELMError
+from .convert.hub import looks_local_path
+from .errors import CheckpointError, ConfigError, OpenELMError, check_names
 from .model import OpenELM
 from .tokenizer import Tokenizer
 
@@ -116,19 +116,6 @@ def check_finite(weights: dict[str, mx.array], where: Path) -> None:
             raise CheckpointError(f"{where}: tensor {name} contains NaN or Inf values")
 
 
-def check_names(expected: Iterable[str], got: Iterable[str], where: object, extra_hint: str) -> None:
-    """Name the first missing and the first unexpected tensor (shared by the converter and the loader)."""
-    expected, got = list(expected), list(got)  # keep checkpoint order: layers.3 before layers.10
-    expected_set, got_set = set(expected), set(got)
-    for names, what, hint in (
-        ([n for n in expected if n not in got_set], "missing", "; the config does not match the weights"),
-        ([n for n in got if n not in expected_set], "unexpected", extra_hint),
-    ):
-        if names:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
-            raise CheckpointError(f"{where}: {what} tensor {names[0]}{more}{hint}")
-
-
 def check_weights(model: nn.Module, weights: dict[str, mx.array], where: Path, quantized: bool = False) -> None:
     expected = dict(tree_flatten(model.parameters()))
     check_names(expected, weights, where, "; the config.json (layers or quantization) does not match the weights")
@@ -190,11 +177,6 @@ def load(
             f"{tok_file}: tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}"
         )
     return model, tok
-
-
-def looks_local_path(text: str) -> bool:
-    """'models/typo' when ./models exists: a mistyped path, not a Hub repo."""
-    return Path(text).expanduser().parent.is_dir() and Path(text).parent != Path(".")
 
 
 def _convert_into_cache(src: str) -> Path:

@@ -19,8 +19,6 @@ if TYPE_CHECKING:  # the server's modules load only when it runs, not for every 
     from .protocol import ServedModel
     from .worker import Worker
 
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "bundled" / "openelm-tiny-kjv"
-
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -114,7 +112,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def load_models(args: argparse.Namespace) -> tuple[dict[str, ServedModel], Any]:
     """The served models by name (their folder names) and the draft model, if any."""
-    from ..loading import load
+    from ..loading import BUNDLED_MODEL, load
     from .protocol import ServedModel
 
     kwargs: dict[str, Any] = {"tokenizer": args.tokenizer}

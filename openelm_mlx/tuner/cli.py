@@ -125,7 +125,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     if opts["data"] is None:
         raise OpenELMError("--data is required (on the command line or in -c)")
     if opts["model"] is None:
-        from ..cli import BUNDLED_MODEL
+        from ..loading import BUNDLED_MODEL
 
         print(f"no --model given: fine-tuning the bundled OpenELM-tiny-KJV ({BUNDLED_MODEL})", file=sys.stderr)
         opts["model"] = str(BUNDLED_MODEL)

@@ -17,7 +17,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..convert import quantize, writer
-from ..convert.pipeline import _TOKENIZER_CONFIG as TOKENIZER_CONFIG
+from ..convert.pipeline import TOKENIZER_CONFIG
 from ..errors import OpenELMError
 from ..loading import load_model, read_config
 from .lora import attach, dequantize_in_place, fuse_in_place, model_hash

@@ -262,7 +262,7 @@ def read_adapter_config(adapter_path: str | Path) -> dict:
 
 def load_adapter_weights(model: nn.Module, file: str | Path) -> None:
     """Load trained weights (adapters, or full-fine-tuned blocks) into an adapted model, checking names and shapes."""
-    from ..loading import check_names
+    from ..errors import check_names
 
     file = Path(file)
     if not file.is_file():
