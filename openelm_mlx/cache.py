@@ -83,6 +83,20 @@ class PackedRows:
         return self.allowed
 
 
+# The batch buffer's first capacities: the compiled step attends over the whole capacity, and on
+# this CPU MLX's attention over 16 rows costs 1.8 ms a layer at 64 positions against 6.5 ms at 256
+# (BENCHMARKS.md), so short sequences do not pay for 256 positions.  From 256 on, fixed steps.
+SMALL_CAPACITIES = (64, 128)
+
+
+def capacity_bucket(n: int) -> int:
+    """The buffer capacity that holds ``n`` positions: 64, 128, then multiples of ``KVCache.step``."""
+    for c in SMALL_CAPACITIES:
+        if n <= c:
+            return c
+    return max(KVCache.step, -(-n // KVCache.step) * KVCache.step)
+
+
 def slot_bucket(n: int, max_slots: int) -> int:
     """Slots a batch of ``n`` sequences occupies: the next power of two, at most ``max_slots``.
 
@@ -100,7 +114,8 @@ class BatchKVCache:
     a decode step writes every slot's new key and value with one scatter per layer and attends
     over the whole buffer, each row masked by its own offset.
 
-    ``capacity`` grows in steps of ``KVCache.step`` positions, ``slots`` in powers of two
+    ``capacity`` grows through ``capacity_bucket`` (64, 128, then steps of ``KVCache.step``
+    positions), ``slots`` in powers of two
     (``slot_bucket``), so the buffers, and with them the compiled step's input shapes, take few
     distinct sizes.  Free slots are still computed in a decode step (padding rows; their results
     are dropped), which is why the buffer shrinks when the batch falls to half of it or less."""
@@ -181,7 +196,7 @@ class BatchKVCache:
         """New buffers of ``slots`` rows holding the rows ``keep`` (in order) first; the capacity
         is trimmed to what the kept rows need."""
         need = max((self.offsets[i] for i in keep), default=0)
-        capacity = min(self.capacity, max(KVCache.step, -(-need // KVCache.step) * KVCache.step))
+        capacity = min(self.capacity, capacity_bucket(max(need, 1)))
         if self.dtype is not None:
             order = mx.array(keep, dtype=mx.int32)
             for i, heads in enumerate(self.kv_heads):
@@ -196,7 +211,7 @@ class BatchKVCache:
     def _allocate(self, dtype: mx.Dtype) -> None:
         if self.dtype is None:
             self.dtype = dtype
-            self.capacity = KVCache.step
+            self.capacity = SMALL_CAPACITIES[0]
             for i, heads in enumerate(self.kv_heads):
                 shape = (self.slots, heads, self.capacity, self.head_dim)
                 self.keys[i], self.values[i] = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
@@ -206,7 +221,7 @@ class BatchKVCache:
         need = max(self.offsets[s] for s in slots) + n
         if need <= self.capacity:
             return
-        grow = -(-need // KVCache.step) * KVCache.step - self.capacity
+        grow = capacity_bucket(need) - self.capacity
         for i, heads in enumerate(self.kv_heads):
             pad = mx.zeros((self.slots, heads, grow, self.head_dim), self.dtype)
             self.keys[i] = mx.concatenate([self.keys[i], pad], axis=2)

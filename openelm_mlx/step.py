@@ -6,7 +6,8 @@ tokens ``[slots, 1]``, the slots' positions ``[slots]`` and per layer the buffer
 kv_heads, capacity, head_dim]``; the step writes each row's key and value at its own position
 (one scatter per layer) and attends over the whole capacity under a mask of the positions each
 row has written.  So the shapes change only when the buffer does: its slots are bucketed (1, 2,
-4, 8 ... ``cache.slot_bucket``) and its capacity grows in steps of ``KVCache.step``, and the step
+4, 8 ... ``cache.slot_bucket``) and its capacity grows through 64, 128, then steps of 256
+positions (``cache.capacity_bucket``), and the step
 is traced at most once per (slots, capacity) bucket it meets.  ``TRACES`` counts the traces and
 the time they took (``/metrics``, ``bench --batch``).
 

@@ -37,8 +37,8 @@ def prefill_slots(model, batch, prompts):
 
 @pytest.mark.parametrize("name", ["tied", "untied", "no_glu", "mqa_groups2"])
 def test_compiled_steps_equal_the_full_forward(name):
-    # Two rows of different lengths decoding together, 295 steps: the buffer grows past 256
-    # positions (a new shape, one new trace) on the way.
+    # Two rows of different lengths decoding together, 295 steps: the buffer grows through 64,
+    # 128, 256 and 512 positions (a new shape each, one trace each) on the way.
     config = small_config(name)
     model = build_model(config, random_weights(config))
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 300))
@@ -53,7 +53,7 @@ def test_compiled_steps_equal_the_full_forward(name):
         logits = np.array(decode(mx.array(fed, dtype=mx.uint32)[:, None], batch, live))
         for r in live:
             parts[r].append(logits[r : r + 1])
-    assert batch.offsets == [300, 300] and batch.capacity == 512 and decode.traces == 2
+    assert batch.offsets == [300, 300] and batch.capacity == 512 and decode.traces == 4
     assert rel_err(np.concatenate(parts[0], axis=1), full[0][:, 5:].astype(np.float64)) < TOL
     assert rel_err(np.concatenate(parts[1], axis=1), full[1][:, 9:].astype(np.float64)) < TOL
 
@@ -176,6 +176,7 @@ def test_a_batch_of_one_passes_no_mask(mlx_routes):
     prefill_slots(model, batch, [[1, 5, 9]])
     rows = batch.rows([0], 1, mx.float32)
     assert rows[0].mask(1) is None and batch.rows([0], 1, mx.float32)[0].shared.span == 4
+    assert batch.capacity == 64  # short sequences get a short buffer (cache.capacity_bucket)
     two = batch_for(model, 2)
     prefill_slots(model, two, [[1, 5, 9], [1, 5]])
     assert two.rows([0, 1], 1, mx.float32)[0].mask(1).shape == (2, 1, 1, 4)
