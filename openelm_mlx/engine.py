@@ -38,6 +38,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .errors import OpenELMError
+from .grammar import Matcher, OutputSpec, compile_spec, fill_masks
 from .model import OpenELM
 from .sampling import SamplingOptions, make_sampler
 from .step import decoder
@@ -67,6 +68,9 @@ class GenParams:
     frequency_penalty: float = 0.0
     prompt_lookup: int = 0  # prompt-lookup decoding: draft this many tokens copied from the context
     num_draft_tokens: int = 3  # with the engine's draft model: tokens it proposes per round
+    # Structured output (grammar/): only tokens the schema allows are sampled; EOS only where it
+    # accepts.  Such a sequence never decodes speculatively (drafts are not checked against it).
+    constraint: OutputSpec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -82,6 +86,8 @@ class GenParams:
             raise OpenELMError(f"prompt_lookup {self.prompt_lookup}: must be >= 0")
         if self.num_draft_tokens < 1:
             raise OpenELMError(f"num_draft_tokens {self.num_draft_tokens}: must be at least 1")
+        if self.constraint is not None and self.ignore_eos:
+            raise OpenELMError("ignore_eos cannot be combined with a response format (the grammar ends with EOS)")
 
 
 @dataclass
@@ -158,6 +164,8 @@ class _Sequence:
     draft_proposed: int = 0
     draft_accepted: int = 0
     finished: str | None = None
+    matcher: Matcher | None = None  # the grammar state (GenParams.constraint)
+    matcher_ahead: bool = False  # the matcher already consumed the token ``_emit`` gets next
 
 
 class Engine:
@@ -261,7 +269,12 @@ class Engine:
             seq.bias = (mx.array(ids), mx.array([float(params.logit_bias[t]) for t in ids]))
         if params.presence_penalty or params.frequency_penalty:
             seq.counts = mx.zeros((vocab,), dtype=mx.float32)
-        if self.draft_model is not None:
+        if params.constraint is not None:
+            if self.tokenizer is None:
+                raise OpenELMError("a response format needs a tokenizer")
+            eos = self.model.config.eos_token_id
+            seq.matcher = Matcher(params.constraint, compile_spec(params.constraint, self.tokenizer, vocab, eos), vocab)
+        elif self.draft_model is not None:
             seq.proposer = _DraftProposer(self.draft_model)
         elif params.prompt_lookup > 0:
             seq.proposer = _lookup_proposer
@@ -323,13 +336,14 @@ class Engine:
         """Queue one decode step over ``rows``; their next tokens (lazy) and log-probabilities."""
         tokens = mx.concatenate([s.last.reshape(1, 1) for s in rows]) if len(rows) > 1 else rows[0].last.reshape(1, 1)
         logits = self.decode(tokens.astype(mx.uint32), [s.cache for s in rows])[:, -1]
+        allowed = self._grammar_masks(rows, logits)
         nexts = []
         for i, s in enumerate(rows):
             if s.context is not None:
                 s.context = mx.concatenate([s.context, s.last.reshape(1).astype(mx.uint32)])
             if s.counts is not None and s.generated > 0:  # ``last`` is a generated token (not the prompt's last)
                 s.counts = s.counts.at[s.last.reshape(1)].add(1.0)
-            y, lp = self._sample(s, logits[i], s.context, s.counts)
+            y, lp = self._sample(s, logits[i], s.context, s.counts, allowed.get(i))
             nexts.append((y, lp))
         mx.async_eval([y for y, _ in nexts] + [a for _, lp in nexts if lp for a in lp if a is not None])
         return nexts
@@ -380,7 +394,8 @@ class Engine:
     def _prefilled(self, s: _Sequence, logits: mx.array) -> list[Output]:
         """The prompt is in the cache: sample and emit the first token; the sequence decodes from the next round."""
         s.context = mx.array(s.history, dtype=mx.uint32) if _tracks_context(s) else None
-        y, lp = self._sample(s, logits, s.context, s.counts)
+        allowed = mx.array(s.matcher.mask()) if s.matcher is not None else None
+        y, lp = self._sample(s, logits, s.context, s.counts, allowed)
         o = self._emit(s, y.item(), lp)
         if s.finished is None:
             s.last, s.fresh, s.last_lp = y, False, None
@@ -407,7 +422,32 @@ class Engine:
             tops.extend(_top(lps[j], k) for j in range(len(chunk) - 1))
         s.prompt_lp = (scored, tops, lps[-1])
 
-    def _sample(self, s: _Sequence, logits: mx.array, context: mx.array | None, counts: mx.array | None):
+    # --- structured output: the grammar's masks (grammar/) ---------------------------------------
+
+    def _grammar_masks(self, rows: list[_Sequence], logits: mx.array) -> dict[int, mx.array]:
+        """The allowed-token masks of the constrained ``rows``, by row index.  Built on the CPU
+        while the device runs the step (``logits``, queued first); each matcher first consumes
+        its row's pending token, which the previous step sampled and ``_emit`` has not seen yet."""
+        live = [(i, s) for i, s in enumerate(rows) if s.matcher is not None]
+        if not live:
+            return {}
+        mx.async_eval(logits)
+        for _, s in live:
+            if s.fresh:
+                tok = s.last.item()
+                s.matcher.advance(tok)
+                s.matcher_ahead = True
+        masks = mx.array(fill_masks([s.matcher for _, s in live], self.model.config.vocab_size))
+        return {i: masks[j] for j, (i, _) in enumerate(live)}
+
+    def _sample(
+        self,
+        s: _Sequence,
+        logits: mx.array,
+        context: mx.array | None,
+        counts: mx.array | None,
+        allowed: mx.array | None = None,
+    ):
         logits = logits.astype(mx.float32)
         lp = None
         if s.params.logprobs is not None:
@@ -416,6 +456,8 @@ class Engine:
             logits = logits.at[s.bias[0]].add(s.bias[1])
         if counts is not None:
             logits = logits - s.params.frequency_penalty * counts - s.params.presence_penalty * (counts > 0)
+        if allowed is not None:  # after bias and penalties, before temperature (inside the sampler)
+            logits = mx.where(allowed, logits, -math.inf)
         y = s.sampler(logits, context if context is not None else _EMPTY)
         if s.params.logprobs is not None:
             k = s.params.logprobs
@@ -479,6 +521,11 @@ class Engine:
     # --- emitting and finishing ----------------------------------------------------------------
 
     def _emit(self, s: _Sequence, tok: int, lp: tuple | None) -> Output | None:
+        if s.matcher is not None:
+            if s.matcher_ahead:
+                s.matcher_ahead = False
+            else:
+                s.matcher.advance(tok)
         s.generated += 1
         s.history.append(tok)
         eos = tok == self.model.config.eos_token_id and not s.params.ignore_eos
