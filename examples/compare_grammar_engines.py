@@ -1,67 +1,137 @@
-"""Compile + per-token mask time of llguidance, xgrammar, outlines-core on the bundled tokenizer."""
-import time, json, statistics, sys
-import numpy as np, sentencepiece as spm
-path = sys.argv[1] if len(sys.argv) > 1 else "/work/wt-24/openelm_mlx/bundled/openelm-tiny-kjv/tokenizer.model"
-sp = spm.SentencePieceProcessor(model_file=path)
-n = sp.get_piece_size()
-toks=[]
-for i in range(n):
-    p = sp.id_to_piece(i)
-    if sp.is_byte(i): toks.append(bytes([int(p[3:5],16)]))
-    elif sp.is_control(i) or sp.is_unknown(i): toks.append(b"\xff"+p.encode())
-    else: toks.append(p.replace("\u2581"," ").encode())
-schema = {"type":"object","properties":{"name":{"type":"string","maxLength":20},"age":{"type":"integer","minimum":0,"maximum":120},"tags":{"type":"array","items":{"enum":["alpha","beta","gamma"]},"minItems":1,"maxItems":3}, "score":{"type":"number"}},"required":["name","age","tags","score"],"additionalProperties":False}
-target = json.dumps({"name":"Aaron the priest","age":33,"tags":["alpha","gamma"],"score":1.5}, separators=(",",":"))
-def enc(s):
-    ids = sp.encode(s)
-    if ids and sp.id_to_piece(ids[0]) == "\u2581": ids = ids[1:]
-    elif ids and sp.id_to_piece(ids[0]).startswith("\u2581"): ids = [sp.piece_to_id(sp.id_to_piece(ids[0])[1:])] + ids[1:]
-    if b"".join(toks[i] for i in ids) != s.encode(): ids = [3 + b for b in s.encode()]
-    return ids
-walk = enc(target) + [2]
-print("tokens in walk", len(walk))
-def med(xs): return statistics.median(xs) * 1e6
+"""Compile time and per-token mask time of three grammar engines on OpenELM's tokenizer.
 
-# llguidance
-import llguidance as llg
-from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
-class G:
-    eos_token_id=2; bos_token_id=1; tokens=toks; special_token_ids=[0,1,2]
-    def __call__(self, s): return enc(s.decode() if isinstance(s, bytes) else s)
-t0=time.perf_counter(); tok = llg.LLTokenizer(llg.TokenizerWrapper(G())); tb=time.perf_counter()-t0
-t0=time.perf_counter(); m = llg.LLMatcher(tok, llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})); tc=time.perf_counter()-t0
-bm = allocate_token_bitmask(1, n); ts=[]
-for t in walk:
-    t0=time.perf_counter(); fill_next_token_bitmask(m, bm); ts.append(time.perf_counter()-t0)
-    assert m.consume_token(t), m.get_error()
-print(f"llguidance {llg.__version__}: tokenizer {tb*1e3:.1f} ms, compile {tc*1e3:.2f} ms, mask median {med(ts):.0f} us max {max(ts)*1e6:.0f} us")
+    pip install xgrammar outlines-core   # llguidance is a dependency already
+    python examples/compare_grammar_engines.py [TOKENIZER.model]
 
-# xgrammar
-import xgrammar as xgr
-t0=time.perf_counter(); info = xgr.TokenizerInfo([sp.id_to_piece(i) for i in range(n)], xgr.VocabType.BYTE_FALLBACK, stop_token_ids=[2], add_prefix_space=False); comp = xgr.GrammarCompiler(info, max_threads=1); tb=time.perf_counter()-t0
-t0=time.perf_counter(); cg = comp.compile_json_schema(json.dumps(schema), any_whitespace=False); tc=time.perf_counter()-t0
-mm = xgr.GrammarMatcher(cg); bm2 = xgr.allocate_token_bitmask(1, n); ts=[]
-rng = np.random.default_rng(0)
-for _ in range(60):
-    t0=time.perf_counter(); mm.fill_next_token_bitmask(bm2); ts.append(time.perf_counter()-t0)
-    bits = np.unpackbits(bm2[0].numpy().view(np.uint8), bitorder="little")[:n].astype(bool)
-    t = int(rng.choice(np.flatnonzero(bits)))
-    assert mm.accept_token(t)
-    if mm.is_terminated(): break
-print(f"xgrammar {xgr.__version__ if hasattr(xgr,'__version__') else ''}: tokenizer {tb*1e3:.1f} ms, compile {tc*1e3:.2f} ms, mask median {med(ts):.0f} us max {max(ts)*1e6:.0f} us")
+Each engine compiles the same JSON Schema, then walks 60 tokens (or to the end) picking a seeded
+random allowed token at every step; the medians are of the per-step mask computation.  The
+figures and the choice are in BENCHMARKS.md ("Structured output").
+"""
 
-# outlines-core
-import outlines_core as oc
-from outlines_core.json_schema import build_regex_from_schema
-vocab = {}
-for i in range(3, n):
-    vocab.setdefault(toks[i], []).append(i)
-t0=time.perf_counter(); V = oc.Vocabulary(2, {k: v for k, v in vocab.items()}); tb=time.perf_counter()-t0
-t0=time.perf_counter(); idx = oc.Index(build_regex_from_schema(json.dumps(schema)), V); tc=time.perf_counter()-t0
-guide = oc.Guide(idx); ts=[]
-rng = np.random.default_rng(0)
-for _ in range(60):
-    t0=time.perf_counter(); allowed = guide.get_tokens(); ts.append(time.perf_counter()-t0)
-    t = int(rng.choice(allowed)); guide.advance(t)
-    if guide.is_finished(): break
-print(f"outlines-core: vocabulary {tb*1e3:.1f} ms, compile (regex index) {tc*1e3:.1f} ms, allowed-list median {med(ts):.0f} us max {max(ts)*1e6:.0f} us")
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from openelm_mlx.grammar.bridge import _Vocabulary
+from openelm_mlx.tokenizer import Tokenizer
+
+BUNDLED = "openelm_mlx/bundled/openelm-tiny-kjv/tokenizer.model"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["alpha", "beta", "gamma"]}, "minItems": 1, "maxItems": 3},
+        "score": {"type": "number"},
+    },
+    "required": ["name", "age", "tags", "score"],
+    "additionalProperties": False,
+}
+STEPS = 60
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def us(times: list[float]) -> str:
+    return f"median {statistics.median(times) * 1e6:.0f} us, max {max(times) * 1e6:.0f} us"
+
+
+def allowed_from_bits(words: np.ndarray, n: int) -> np.ndarray:
+    return np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:n])
+
+
+def run_llguidance(tok: Tokenizer, n: int, eos: int) -> str:
+    import llguidance
+    from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+    t0 = time.perf_counter()
+    lt = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_Vocabulary(tok, n, eos)), n_vocab=n)
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+    m = llguidance.LLMatcher(lt, grammar, log_level=0)
+    t_compile = time.perf_counter() - t0
+    bits, rng, times = allocate_token_bitmask(1, n), np.random.default_rng(0), []
+    for _ in range(STEPS):
+        t0 = time.perf_counter()
+        fill_next_token_bitmask(m, bits)
+        times.append(time.perf_counter() - t0)
+        t = int(rng.choice(allowed_from_bits(bits[0], n)))
+        assert m.consume_token(t), m.get_error()
+        if m.is_stopped():
+            break
+    return f"llguidance {llguidance.__version__}: tokenizer {ms(t_tok)}, compile {ms(t_compile)}, mask {us(times)}"
+
+
+def run_xgrammar(tok: Tokenizer, n: int, eos: int) -> str:
+    import xgrammar as xgr
+
+    t0 = time.perf_counter()
+    pieces = [tok.sp.id_to_piece(i) for i in range(n)]
+    info = xgr.TokenizerInfo(pieces, xgr.VocabType.BYTE_FALLBACK, stop_token_ids=[eos])
+    compiler = xgr.GrammarCompiler(info, max_threads=1)
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    t_compile = time.perf_counter() - t0
+    m, bits = xgr.GrammarMatcher(compiled), xgr.allocate_token_bitmask(1, n)
+    rng, times = np.random.default_rng(0), []
+    for _ in range(STEPS):
+        t0 = time.perf_counter()
+        m.fill_next_token_bitmask(bits)
+        times.append(time.perf_counter() - t0)
+        t = int(rng.choice(allowed_from_bits(bits[0].numpy(), n)))
+        assert m.accept_token(t)
+        if m.is_terminated():
+            break
+    return f"xgrammar: tokenizer {ms(t_tok)}, compile {ms(t_compile)}, mask {us(times)}"
+
+
+def run_outlines(tok: Tokenizer, n: int, eos: int) -> str:
+    import outlines_core
+    from outlines_core.json_schema import build_regex_from_schema
+
+    tokens = _Vocabulary(tok, n, eos).tokens
+    t0 = time.perf_counter()
+    vocab: dict[bytes, list[int]] = {}
+    for i, t in enumerate(tokens):
+        if i != eos and not t.startswith(b"\xff"):
+            vocab.setdefault(t, []).append(i)
+    v = outlines_core.Vocabulary(eos, vocab)
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index = outlines_core.Index(build_regex_from_schema(json.dumps(SCHEMA)), v)
+    t_compile = time.perf_counter() - t0
+    guide, rng, times = outlines_core.Guide(index), np.random.default_rng(0), []
+    for _ in range(STEPS):
+        t0 = time.perf_counter()
+        allowed = guide.get_tokens()
+        times.append(time.perf_counter() - t0)
+        guide.advance(int(rng.choice(allowed)))
+        if guide.is_finished():
+            break
+    return (
+        f"outlines-core: vocabulary {ms(t_tok)}, compile (whole regex index) {ms(t_compile)}, allowed list {us(times)}"
+    )
+
+
+def main() -> None:
+    tok = Tokenizer(sys.argv[1] if len(sys.argv) > 1 else BUNDLED)
+    n, eos = tok.vocab_size, tok.eos_id
+    print(f"tokenizer: {n} pieces")
+    for run in (run_llguidance, run_xgrammar, run_outlines):
+        try:
+            print(run(tok, n, eos))
+        except ImportError as e:
+            print(f"{run.__name__}: not installed ({e})")
+
+
+if __name__ == "__main__":
+    main()
