@@ -38,7 +38,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .errors import OpenELMError
-from .grammar import Matcher, OutputSpec, compile_spec, fill_masks
+from .grammar import Matcher, OutputSpec, compile_spec, fill_masks, parse_response_format
 from .model import OpenELM
 from .sampling import SamplingOptions, make_sampler
 from .step import decoder
@@ -733,11 +733,14 @@ def params_from_options(
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    response_format: dict | None = None,
     **rest,
 ) -> GenParams:
-    """``GenParams`` from the keyword options generate/stream_generate/batch_generate take."""
+    """``GenParams`` from the keyword options generate/stream_generate/batch_generate take;
+    ``response_format`` as OpenAI spells it, or a JSON Schema itself (grammar/formats.py)."""
     sampling = SamplingOptions(temp, top_p, top_k, min_p, repetition_penalty)
-    return GenParams(max_tokens=max_tokens, sampling=sampling, **rest)
+    constraint = parse_response_format(response_format, bare_schema=True)
+    return GenParams(max_tokens=max_tokens, sampling=sampling, constraint=constraint, **rest)
 
 
 _TEMPLATE_KEYS = ("system_prompt", "chat_template")
@@ -752,11 +755,18 @@ def stream_batch_generate(
     draft_model: OpenELM | None = None,
     **options,
 ) -> Iterator[tuple[int, Output]]:
-    """Yield ``(prompt index, Output)`` as the sequences of ``prompts`` decode together."""
+    """Yield ``(prompt index, Output)`` as the sequences of ``prompts`` decode together.
+
+    ``response_format`` may be a list: one per prompt (None for free text)."""
     template = {k: options.pop(k) for k in _TEMPLATE_KEYS if k in options}
-    params = params_from_options(**options)
+    formats = options.pop("response_format", None)
+    if not isinstance(formats, list):
+        formats = [formats] * len(prompts)
+    elif len(formats) != len(prompts):
+        raise OpenELMError(f"response_format: {len(formats)} formats for {len(prompts)} prompts")
+    params = [params_from_options(**options, response_format=f) for f in formats]
     engine = Engine(model, tokenizer, max_batch=max_batch, draft_model=draft_model)
-    index = {engine.submit(encode_prompt(model, tokenizer, p, **template), params): i for i, p in enumerate(prompts)}
+    index = {engine.submit(encode_prompt(model, tokenizer, p, **template), params[i]): i for i, p in enumerate(prompts)}
     try:
         while engine.has_work():
             for o in engine.step():
