@@ -65,8 +65,10 @@ def cached(spec: OutputSpec, tokenizer: Tokenizer, vocab_size: int, eos_id: int)
 
 
 def _first_line(message: str) -> str:
-    line = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    return line.removeprefix("Grammar error: ").strip()[:300]
+    """llguidance's error on one line: a regex error spans lines, with a caret line under the pattern."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    text = " ".join(line for line in lines if line and set(line) - set("^ ")) or "unknown error"
+    return text.removeprefix("Grammar error: ")[:300]
 
 
 class Matcher:
