@@ -4,6 +4,7 @@ server, with the official ``openai`` client's helpers (Pydantic parsing, functio
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -18,7 +19,7 @@ from openelm_mlx.loading import load
 from openelm_mlx.server.app import Settings
 from openelm_mlx.server.protocol import Limits, ServedModel
 
-BUNDLED = "openelm_mlx/bundled/openelm-tiny-kjv"
+BUNDLED = Path(__file__).resolve().parents[1] / "openelm_mlx" / "bundled" / "openelm-tiny-kjv"
 MSGS = [{"role": "user", "content": "Who went up to the mount?"}]
 WEATHER = {
     "type": "object",
