@@ -33,6 +33,7 @@ OPTIONS: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "stop": (str, list),
     "system_prompt": (str,),
+    "response_format": (dict,),  # as OpenAI spells it, or a JSON Schema itself
 }
 
 

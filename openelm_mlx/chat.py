@@ -52,6 +52,8 @@ class ChatSession:
             cache=self.cache,
             history=self.history,
             stats=stats,
+            constraint=self.options.get("constraint"),
+            tokenizer=self.tokenizer if self.options.get("constraint") else None,  # the grammar needs it
         )
         try:
             for tok in steps:

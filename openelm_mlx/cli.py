@@ -171,6 +171,44 @@ def _sampling(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("temp", "top_p", "top_k", "min_p", "repetition_penalty")}
 
 
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """--json / --json-schema FILE as a response format (grammar/formats.py), checked before the model loads."""
+    import json
+
+    from .grammar import parse_response_format
+
+    if args.json_schema is None:
+        return {"type": "json_object"} if args.json else None
+    path = Path(args.json_schema)
+    try:
+        schema = json.loads(path.read_bytes().decode("utf-8"))
+    except (FileNotFoundError, IsADirectoryError):
+        raise OpenELMError(f"--json-schema {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise OpenELMError(f"--json-schema {path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise OpenELMError(f"--json-schema {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    try:
+        parse_response_format(schema, bare_schema=True)
+    except OpenELMError as e:
+        raise OpenELMError(f"--json-schema {path}: {e}") from None
+    return schema
+
+
+def _compile_format(args: argparse.Namespace, model, tokenizer, response_format: dict | None) -> None:
+    """Compile the format's grammar now (cached for the run), so an unenforceable schema fails
+    before any generation, naming the flag."""
+    from .grammar import GrammarError, compile_spec, parse_response_format
+
+    spec = parse_response_format(response_format, bare_schema=True)
+    if spec is None:
+        return
+    try:
+        compile_spec(spec, tokenizer, model.config.vocab_size, model.config.eos_token_id)
+    except GrammarError as e:
+        raise OpenELMError(f"--json-schema {args.json_schema}: {e.detail}") from None
+
+
 def _generate_prompts_file(args: argparse.Namespace) -> int:
     import json
 
@@ -178,12 +216,14 @@ def _generate_prompts_file(args: argparse.Namespace) -> int:
 
     jobs = read_prompts(args.prompts_file)  # a bad file fails before the model loads
     model, tokenizer, draft = _load_for_generation(args)
+    _compile_format(args, model, tokenizer, _response_format(args))
     defaults = {
         "max_tokens": args.max_tokens,
         **_sampling(args),
         "seed": args.seed,
         "stop": tuple(args.stop),
         "system_prompt": args.system_prompt,
+        "response_format": _response_format(args),
     }
 
     def write(result: dict) -> None:
@@ -226,7 +266,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts_file:
         return _generate_prompts_file(args)
     prompt = _read_prompt(args.prompt)
+    response_format = _response_format(args)
+    if response_format is not None and (args.draft_model or args.prompt_lookup):
+        raise OpenELMError("--json/--json-schema decode without speculation: drop --draft-model/--prompt-lookup")
     model, tokenizer, draft = _load_for_generation(args)
+    _compile_format(args, model, tokenizer, response_format)
     last = None
     interrupted = False
     try:
@@ -243,6 +287,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             num_draft_tokens=3 if args.num_draft_tokens is None else args.num_draft_tokens,
             prompt_lookup=args.prompt_lookup,
             stop=args.stop,
+            response_format=response_format,
         ):
             sys.stdout.write(r.text)
             sys.stdout.flush()
@@ -264,8 +309,11 @@ CHAT_HELP = "/reset starts over, /help lists these, /quit ends (or Ctrl-D)"
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
+    from .grammar import parse_response_format
 
+    response_format = _response_format(args)
     model, tokenizer, _ = _load_for_generation(args)
+    _compile_format(args, model, tokenizer, response_format)
     context = model.config.max_context_length
     if args.max_tokens >= context:
         raise OpenELMError(
@@ -283,7 +331,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
     sampling = _sampling(args)
     session = ChatSession(
-        model, tokenizer, args.system_prompt, args.max_tokens, sampling=sampling, seed=args.seed, template=template
+        model,
+        tokenizer,
+        args.system_prompt,
+        args.max_tokens,
+        sampling=sampling,
+        seed=args.seed,
+        template=template,
+        constraint=parse_response_format(response_format, bare_schema=True),
     )
     print(f"openelm-mlx chat: {CHAT_HELP}", file=sys.stderr)
     line_no = 0
@@ -403,6 +458,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_seed, default=None, help="seed for sampling: the same seed reproduces a run")
     p.add_argument("--system-prompt", default=None, help="system prompt for Instruct models")
     p.add_argument("--adapter-path", help="a folder written by `openelm-mlx lora`: generate with that adapter")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
+    fmt.add_argument(
+        "--json-schema", metavar="FILE", help="answer with JSON valid against this JSON Schema (constrained decoding)"
+    )
     p.add_argument(
         "--chat-template",
         default="auto",

@@ -43,6 +43,7 @@ import mlx.core as mx
 from . import runtime
 from .cache import BatchKVCache, KVCache
 from .errors import OpenELMError
+from .grammar import Matcher, OutputSpec, compile_spec, fill_masks, parse_response_format
 from .model import OpenELM
 from .sampling import SamplingOptions, make_sampler
 from .step import decoder
@@ -72,6 +73,9 @@ class GenParams:
     frequency_penalty: float = 0.0
     prompt_lookup: int = 0  # prompt-lookup decoding: draft this many tokens copied from the context
     num_draft_tokens: int = 3  # with the engine's draft model: tokens it proposes per round
+    # Structured output (grammar/): only tokens the schema allows are sampled; EOS only where it
+    # accepts.  Such a sequence never decodes speculatively (drafts are not checked against it).
+    constraint: OutputSpec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -87,6 +91,8 @@ class GenParams:
             raise OpenELMError(f"prompt_lookup {self.prompt_lookup}: must be >= 0")
         if self.num_draft_tokens < 1:
             raise OpenELMError(f"num_draft_tokens {self.num_draft_tokens}: must be at least 1")
+        if self.constraint is not None and self.ignore_eos:
+            raise OpenELMError("ignore_eos cannot be combined with a response format (the grammar ends with EOS)")
 
 
 @dataclass
@@ -165,6 +171,8 @@ class _Sequence:
     finished: str | None = None
     slot: int | None = None  # its slot in the engine's batch cache, from admission to the end
     export: bool = False  # whether its KV state goes back into ``cache`` (the caller's) at the end
+    matcher: Matcher | None = None  # the grammar state (GenParams.constraint)
+    matcher_ahead: bool = False  # the matcher already consumed the token ``_emit`` gets next
 
 
 class Engine:
@@ -275,7 +283,12 @@ class Engine:
             seq.bias = (mx.array(ids), mx.array([float(params.logit_bias[t]) for t in ids]))
         if params.presence_penalty or params.frequency_penalty:
             seq.counts = mx.zeros((vocab,), dtype=mx.float32)
-        if self.draft_model is not None:
+        if params.constraint is not None:
+            if self.tokenizer is None:
+                raise OpenELMError("a response format needs a tokenizer")
+            eos = self.model.config.eos_token_id
+            seq.matcher = Matcher(params.constraint, compile_spec(params.constraint, self.tokenizer, vocab, eos), vocab)
+        elif self.draft_model is not None:
             seq.proposer = _DraftProposer(self.draft_model)
         elif params.prompt_lookup > 0:
             seq.proposer = _lookup_proposer
@@ -345,13 +358,14 @@ class Engine:
         tokens = mx.concatenate(parts) if len(parts) > 1 else parts[0]
         logits = self.decode(tokens, self.batch, [s.slot for s in rows])[:, -1]
         self._finite = mx.isfinite(logits).all()
+        allowed = self._grammar_masks(rows, logits)
         nexts = []
-        for s in rows:
+        for i, s in enumerate(rows):
             if s.context is not None:
                 s.context = mx.concatenate([s.context, s.last.reshape(1).astype(mx.uint32)])
             if s.counts is not None and s.generated > 0:  # ``last`` is a generated token (not the prompt's last)
                 s.counts = s.counts.at[s.last.reshape(1)].add(1.0)
-            y, lp = self._sample(s, logits[s.slot], s.context, s.counts)
+            y, lp = self._sample(s, logits[s.slot], s.context, s.counts, allowed.get(i))
             nexts.append((y, lp))
         mx.async_eval(
             [self._finite] + [y for y, _ in nexts] + [a for _, lp in nexts if lp for a in lp if a is not None]
@@ -418,7 +432,8 @@ class Engine:
         """The prompt is in the cache: sample and emit the first token; the sequence decodes from the next round."""
         s.context = mx.array(s.history, dtype=mx.uint32) if _tracks_context(s) else None
         self._check_finite(logits)
-        y, lp = self._sample(s, logits, s.context, s.counts)
+        allowed = mx.array(s.matcher.mask()) if s.matcher is not None else None
+        y, lp = self._sample(s, logits, s.context, s.counts, allowed)
         o = self._emit(s, y.item(), lp)
         if s.finished is None:
             s.last, s.fresh, s.last_lp = y, False, None
@@ -445,7 +460,32 @@ class Engine:
             tops.extend(_top(lps[j], k) for j in range(len(chunk) - 1))
         s.prompt_lp = (scored, tops, lps[-1])
 
-    def _sample(self, s: _Sequence, logits: mx.array, context: mx.array | None, counts: mx.array | None):
+    # --- structured output: the grammar's masks (grammar/) ---------------------------------------
+
+    def _grammar_masks(self, rows: list[_Sequence], logits: mx.array) -> dict[int, mx.array]:
+        """The allowed-token masks of the constrained ``rows``, by row index.  Built on the CPU
+        while the device runs the step (``logits``, queued first); each matcher first consumes
+        its row's pending token, which the previous step sampled and ``_emit`` has not seen yet."""
+        live = [(i, s) for i, s in enumerate(rows) if s.matcher is not None]
+        if not live:
+            return {}
+        mx.async_eval(logits)
+        for _, s in live:
+            if s.fresh:
+                tok = s.last.item()
+                s.matcher.advance(tok)
+                s.matcher_ahead = True
+        masks = mx.array(fill_masks([s.matcher for _, s in live], self.model.config.vocab_size))
+        return {i: masks[j] for j, (i, _) in enumerate(live)}
+
+    def _sample(
+        self,
+        s: _Sequence,
+        logits: mx.array,
+        context: mx.array | None,
+        counts: mx.array | None,
+        allowed: mx.array | None = None,
+    ):
         logits = logits.astype(mx.float32)
         lp = None
         if s.params.logprobs is not None:
@@ -454,6 +494,8 @@ class Engine:
             logits = logits.at[s.bias[0]].add(s.bias[1])
         if counts is not None:
             logits = logits - s.params.frequency_penalty * counts - s.params.presence_penalty * (counts > 0)
+        if allowed is not None:  # after bias and penalties, before temperature (inside the sampler)
+            logits = mx.where(allowed, logits, -math.inf)
         y = s.sampler(logits, context if context is not None else _EMPTY)
         if s.params.logprobs is not None:
             k = s.params.logprobs
@@ -517,6 +559,11 @@ class Engine:
     # --- emitting and finishing ----------------------------------------------------------------
 
     def _emit(self, s: _Sequence, tok: int, lp: tuple | None) -> Output | None:
+        if s.matcher is not None:
+            if s.matcher_ahead:
+                s.matcher_ahead = False
+            else:
+                s.matcher.advance(tok)
         s.generated += 1
         s.history.append(tok)
         eos = tok == self.model.config.eos_token_id and not s.params.ignore_eos
@@ -730,11 +777,14 @@ def params_from_options(
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    response_format: dict | None = None,
     **rest,
 ) -> GenParams:
-    """``GenParams`` from the keyword options generate/stream_generate/batch_generate take."""
+    """``GenParams`` from the keyword options generate/stream_generate/batch_generate take;
+    ``response_format`` as OpenAI spells it, or a JSON Schema itself (grammar/formats.py)."""
     sampling = SamplingOptions(temp, top_p, top_k, min_p, repetition_penalty)
-    return GenParams(max_tokens=max_tokens, sampling=sampling, **rest)
+    constraint = parse_response_format(response_format, bare_schema=True)
+    return GenParams(max_tokens=max_tokens, sampling=sampling, constraint=constraint, **rest)
 
 
 _TEMPLATE_KEYS = ("system_prompt", "chat_template")
@@ -749,11 +799,18 @@ def stream_batch_generate(
     draft_model: OpenELM | None = None,
     **options,
 ) -> Iterator[tuple[int, Output]]:
-    """Yield ``(prompt index, Output)`` as the sequences of ``prompts`` decode together."""
+    """Yield ``(prompt index, Output)`` as the sequences of ``prompts`` decode together.
+
+    ``response_format`` may be a list: one per prompt (None for free text)."""
     template = {k: options.pop(k) for k in _TEMPLATE_KEYS if k in options}
-    params = params_from_options(**options)
+    formats = options.pop("response_format", None)
+    if not isinstance(formats, list):
+        formats = [formats] * len(prompts)
+    elif len(formats) != len(prompts):
+        raise OpenELMError(f"response_format: {len(formats)} formats for {len(prompts)} prompts")
+    params = [params_from_options(**options, response_format=f) for f in formats]
     engine = Engine(model, tokenizer, max_batch=max_batch, draft_model=draft_model)
-    index = {engine.submit(encode_prompt(model, tokenizer, p, **template), params): i for i, p in enumerate(prompts)}
+    index = {engine.submit(encode_prompt(model, tokenizer, p, **template), params[i]): i for i, p in enumerate(prompts)}
     try:
         while engine.has_work():
             for o in engine.step():

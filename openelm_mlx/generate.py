@@ -18,6 +18,7 @@ import mlx.core as mx
 from .cache import KVCache
 from .engine import Engine, GenParams, encode_prompt
 from .errors import OpenELMError
+from .grammar import OutputSpec, parse_response_format
 from .model import OpenELM
 from .sampling import SamplingOptions
 from .tokenizer import Tokenizer
@@ -100,6 +101,8 @@ def generate_tokens(
     prompt_lookup: int = 0,
     stats: DecodeStats | None = None,
     ignore_eos: bool = False,
+    constraint: OutputSpec | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids until EOS (yielded) or ``max_tokens``.
 
@@ -116,8 +119,19 @@ def generate_tokens(
         ignore_eos=ignore_eos,
         prompt_lookup=prompt_lookup if draft_model is None else 0,
         num_draft_tokens=num_draft_tokens,
+        constraint=constraint,
     )
-    for o in run_one(model, prompt_ids, params, cache=cache, history=history, draft_model=draft_model, stats=stats):
+    runs = run_one(
+        model,
+        prompt_ids,
+        params,
+        tokenizer=tokenizer,
+        cache=cache,
+        history=history,
+        draft_model=draft_model,
+        stats=stats,
+    )
+    for o in runs:
         yield from o.tokens
 
 
@@ -140,8 +154,13 @@ def stream_generate(
     prompt_lookup: int = 0,
     stop: list[str] | tuple[str, ...] = (),
     logprobs: int | None = None,
+    response_format: dict | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Yield a ``GenerationResponse`` per generated token: new text, ids and running figures."""
+    """Yield a ``GenerationResponse`` per generated token: new text, ids and running figures.
+
+    ``response_format``: ``{"type": "json_object"}``, ``{"type": "json_schema", "json_schema":
+    {"name", "schema"}}`` or a JSON Schema itself: only output that satisfies it is sampled (a
+    ``max_tokens`` cut, finish reason "length", may leave it incomplete)."""
     ids = encode_prompt(model, tokenizer, prompt, system_prompt=system_prompt, chat_template=chat_template)
     if max_tokens < 1:
         raise OpenELMError(f"--max-tokens {max_tokens}: must be at least 1")
@@ -153,6 +172,7 @@ def stream_generate(
         logprobs=logprobs,
         prompt_lookup=prompt_lookup if draft_model is None else 0,
         num_draft_tokens=num_draft_tokens,
+        constraint=parse_response_format(response_format, bare_schema=True),
     )
     stats = DecodeStats()
     for o in run_one(model, ids, params, tokenizer=tokenizer, draft_model=draft_model, stats=stats):

@@ -26,9 +26,11 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from ..errors import OpenELMError
+from ..grammar import GrammarError, compile_spec
 from .guard import COMMON_HEADERS, Policy, header, page_headers
 from .metrics import Metrics
 from .protocol import (
+    TOOL_CALL_HEAD,
     APIError,
     Choice,
     Limits,
@@ -43,6 +45,8 @@ from .protocol import (
     parse_chat,
     parse_completion,
     select_model,
+    split_tool_call,
+    tool_call_id,
     usage,
     usage_chunk,
 )
@@ -51,6 +55,9 @@ from .worker import Worker
 log = logging.getLogger("openelm_mlx.server")
 
 MAX_BODY_BYTES = 8 * 2**20
+# A schema's grammar compiles in ~1-60 ms (BENCHMARKS.md, "Structured output"); llguidance's fuel
+# limits (grammar/constraint.py) stop a hostile one, and this bounds the wait whatever happens.
+COMPILE_TIMEOUT_S = 10.0
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # no key needed: the page asks for it itself
 
@@ -133,8 +140,26 @@ class Server:
         req = parse_completion(body, self.models, self.settings.limits, self.settings.max_concurrency)
         return await self._answer(request, req)
 
+    async def _compile(self, req: Request) -> None:
+        """Compile the request's grammar in a thread, off the event loop, into the grammar cache
+        the engine thread then reads (a schema seen before is a cache hit: microseconds)."""
+        spec = req.params.constraint
+        if spec is None:
+            return
+        config = req.served.model.config
+        job = asyncio.to_thread(compile_spec, spec, req.served.tokenizer, config.vocab_size, config.eos_token_id)
+        try:
+            await asyncio.wait_for(job, COMPILE_TIMEOUT_S)
+        except GrammarError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except asyncio.TimeoutError:
+            raise APIError(
+                400, f"{spec.param}: the schema did not compile in {COMPILE_TIMEOUT_S:.0f} s", param=spec.param
+            ) from None
+
     async def _answer(self, request: HTTPRequest, req: Request) -> Response:
         record: _Record = request.scope["openelm.record"]
+        await self._compile(req)
         out, index, running = await self.start(req, record)
         choices = [Choice() for _ in req.prompts]
         if req.stream:
@@ -178,6 +203,10 @@ class Server:
             yield o
 
     async def _chat_events(self, req, out, index, choices, running, record) -> AsyncIterator[dict]:
+        if req.tool_call:
+            async for event in self._tool_call_events(req, out, choices, running, record):
+                yield event
+            return
         c = choices[0]
         yield chat_chunk(req, {"role": "assistant", "content": ""})
         since = 0  # tokens whose log-probabilities are not yet sent
@@ -193,6 +222,42 @@ class Server:
                     lp = chat_logprobs(tok, c.tokens[since:], c.logprobs[since:], c.top[since:])
                     since = len(c.tokens)
                 yield chat_chunk(req, {"content": o.text} if o.text else {}, c.finish_reason, lp)
+        record.usage = usage(choices)
+        if req.include_usage:
+            yield usage_chunk(req, choices)
+
+    async def _tool_call_events(self, req, out, choices, running, record) -> AsyncIterator[dict]:
+        """A tool call streamed as OpenAI streams one: a first delta with the call's id, type and
+        name, then the arguments' JSON text in pieces, then finish_reason "tool_calls".  The
+        generated text is ``{"name":"f","arguments":ARGS}``: held back until the name is complete,
+        then ARGS is sent as it comes, all but the wrapper's closing brace."""
+        c = choices[0]
+        yield chat_chunk(req, {"role": "assistant", "content": None})
+        sent = None  # characters of c.text already sent as arguments (None: the head is not sent yet)
+        async for o in self._outputs(out, running):
+            if isinstance(o, APIError):
+                yield o.body()
+                return
+            c.add(o)
+            if sent is None:
+                m = TOOL_CALL_HEAD.match(c.text)
+                if m is not None:
+                    call = {"index": 0, "id": tool_call_id(), "type": "function"}
+                    call["function"] = {"name": m.group(1), "arguments": ""}
+                    yield chat_chunk(req, {"tool_calls": [call]})
+                    sent = m.end()
+            if sent is not None:
+                whole = c.finish_reason == "stop" and split_tool_call(c.text) is not None
+                end = len(c.text) - 1 if whole or c.finish_reason is None else len(c.text)
+                if end > sent:
+                    piece = {"index": 0, "function": {"arguments": c.text[sent:end]}}
+                    yield chat_chunk(req, {"tool_calls": [piece]})
+                    sent = end
+            if c.finish_reason:
+                if sent is None and c.text:  # cut before the name was complete: the raw text
+                    yield chat_chunk(req, {"content": c.text})
+                finish = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+                yield chat_chunk(req, {}, finish)
         record.usage = usage(choices)
         if req.include_usage:
             yield usage_chunk(req, choices)

@@ -7,6 +7,7 @@ ignored (clients send many), known fields of the wrong type or range are refused
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..engine import MAX_LOGPROBS, GenParams, Output
 from ..errors import OpenELMError
+from ..grammar import GrammarError, OutputSpec, parse_response_format, parse_tools
 from ..model import OpenELM
 from ..sampling import SamplingOptions
 from ..template import format_messages
@@ -79,6 +81,7 @@ class Request:
     echo: bool = False
     echo_only: bool = False  # max_tokens 0 with echo: score the prompt, generate nothing
     logprobs: int | None = None
+    tool_call: bool = False  # the output is one tool call: answered as message.tool_calls
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -236,6 +239,20 @@ def _common(body: dict, served: ServedModel, longest_prompt: int, limits: Limits
     }
 
 
+def _output_spec(body: dict, chat: bool) -> OutputSpec | None:
+    """``response_format`` and (chat) ``tools``/``tool_choice`` as the schema the output must satisfy."""
+    try:
+        spec = parse_response_format(body.get("response_format"))
+        if not chat:
+            return spec
+        call, _ = parse_tools(body.get("tools"), body.get("tool_choice"))
+    except GrammarError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    if spec is not None and call is not None:
+        raise _bad("response_format", 'cannot be combined with tool_choice "required" or a named function')
+    return spec or call
+
+
 def _params(options: dict) -> GenParams:
     try:
         return GenParams(**options)
@@ -262,7 +279,29 @@ def _content(message: dict, i: int) -> str:
     raise _bad(f"messages[{i}].content", "expected a string or a list of text parts")
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "user"}
+
+
+def _turn_text(m: dict, i: int) -> str:
+    """A message's text for the template.  OpenELM has no tool format: an assistant's tool calls
+    are written as the JSON they were generated as, a tool's result as a user turn naming it."""
+    text = _content(m, i)
+    if m.get("role") == "tool":
+        if not text:
+            raise _bad(f"messages[{i}].content", "a tool message needs the tool's result")
+        return f"Tool result: {text}"
+    calls = m.get("tool_calls")
+    if m.get("role") == "assistant" and calls is not None:
+        if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls
+        ):
+            raise _bad(f"messages[{i}].tool_calls", "expected a list of function calls")
+        parts = []
+        for c in calls:
+            fn = c["function"]
+            parts.append(f'{{"name":{json.dumps(fn.get("name"))},"arguments":{fn.get("arguments") or "{}"}}}')
+        text = (text + "\n" if text else "") + "\n".join(parts)
+    return text
 
 
 def parse_chat(body: dict, models: dict[str, ServedModel], limits: Limits) -> Request:
@@ -277,17 +316,20 @@ def parse_chat(body: dict, models: dict[str, ServedModel], limits: Limits) -> Re
         role = m.get("role")
         if role not in ROLES:
             raise _bad(f"messages[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r:.40}")
-        turns.append((ROLES[role], _content(m, i)))
+        turns.append((ROLES[role], _turn_text(m, i)))
+    spec = _output_spec(body, chat=True)
     ids = served.tokenizer.encode(format_messages(turns, served.instruct))
     stream, include_usage = _stream(body)
     options = _common(body, served, len(ids), limits, allow_zero=False)
-    if not served.instruct:
+    options["constraint"] = spec
+    if not served.instruct and spec is None:  # (JSON ends itself; a stop string could only cut it)
         options["stop"] = (*options["stop"], BASE_CHAT_STOP)
     top = None
     if _flag(body, "logprobs"):
         top = _integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
     options["logprobs"] = top
-    return Request("chat", served, [ids], _params(options), stream, include_usage, logprobs=top)
+    tool_call = spec is not None and bool(spec.tools)
+    return Request("chat", served, [ids], _params(options), stream, include_usage, logprobs=top, tool_call=tool_call)
 
 
 def _prompts(body: dict, served: ServedModel) -> list[list[int]]:
@@ -323,7 +365,10 @@ def parse_completion(body: dict, models: dict[str, ServedModel], limits: Limits,
     echo = _flag(body, "echo")
     stream, include_usage = _stream(body)
     options = _common(body, served, max(map(len, prompts)), limits, allow_zero=echo)
+    options["constraint"] = _output_spec(body, chat=False)
     echo_only = options["max_tokens"] == 0
+    if echo_only and options["constraint"] is not None:
+        raise _bad("response_format", "cannot be combined with max_tokens 0 (nothing is generated)")
     if echo_only:  # score the prompt: run one step and drop its token
         options["max_tokens"] = 1
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
@@ -422,12 +467,39 @@ def completion_logprobs(tok: Tokenizer, req: Request, prompt: list[int], c: Choi
     }
 
 
+TOOL_CALL_HEAD = re.compile(r'\{"name":"([A-Za-z0-9_-]{1,64})","arguments":')
+
+
+def split_tool_call(text: str) -> tuple[str, str] | None:
+    """(name, arguments JSON text) of a whole generated call ``{"name": ..., "arguments": ...}``
+    (compact: the grammar allows no whitespace between tokens); None if it is cut short."""
+    m = TOOL_CALL_HEAD.match(text)
+    if m is None or not text.endswith("}"):
+        return None
+    return m.group(1), text[m.end() : -1]
+
+
+def tool_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
 def chat_response(req: Request, c: Choice) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": c.text}
+    finish = c.finish_reason
+    call = split_tool_call(c.text) if req.tool_call and finish == "stop" else None
+    if call is not None:
+        function = {"name": call[0], "arguments": call[1]}
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": tool_call_id(), "type": "function", "function": function}],
+        }
+        finish = "tool_calls"
     choice: dict[str, Any] = {
         "index": 0,
-        "message": {"role": "assistant", "content": c.text},
+        "message": message,
         "logprobs": None,
-        "finish_reason": c.finish_reason,
+        "finish_reason": finish,
     }
     if req.logprobs is not None:
         choice["logprobs"] = chat_logprobs(req.served.tokenizer, c.tokens, c.logprobs, c.top)
