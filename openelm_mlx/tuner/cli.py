@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..destinations import ADAPTER_FILES, check_replaceable, write_marker
 from ..errors import OpenELMError
 from .lora import ADAPTER_FILE, CONFIG_FILE, FINE_TUNE_TYPES, TARGETS
 from .trainer import TrainConfig
@@ -151,6 +152,8 @@ def run_lora(args: argparse.Namespace) -> int:
     resuming_here = resume is not None and resume.resolve().parent == out.resolve()
     if cfg.iters and (out / ADAPTER_FILE).exists() and not (opts["force"] or resuming_here):
         raise OpenELMError(f"--adapter-path {out} already holds {ADAPTER_FILE}; pass --force or another folder")
+    if cfg.iters:  # files there get replaced: only in a folder lora wrote, or an empty one
+        check_replaceable(out, "--adapter-path", ADAPTER_FILES, legacy=_written_by_lora(out))
 
     model, tok = load(opts["model"], tokenizer=opts["tokenizer"])
     data = datasets.load(opts["data"], tok, cfg.max_seq_length, bool(opts["mask_prompt"]), bool(opts["test"]))
@@ -166,6 +169,7 @@ def run_lora(args: argparse.Namespace) -> int:
     base_dir = Path(getattr(model, "source_dir", opts["model"]))
     if rank == 0 and cfg.iters:
         out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "lora")
         write_adapter_config(out, opts, base_dir)
     result = trainer.train(model, data, cfg, out if cfg.iters else None, resume, say)
     if result.interrupted:
@@ -175,6 +179,15 @@ def run_lora(args: argparse.Namespace) -> int:
         loss = trainer.evaluate(model, data["test"], cfg, opts["test_batches"])
         say(f"test loss {loss:.4f}, test ppl {math.exp(loss):.3f}")
     return 0
+
+
+def _written_by_lora(folder: Path) -> bool:
+    """An adapter folder from before markers: its adapter_config.json has lora's own fields."""
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "base_model_sha256" in cfg and "fine_tune_type" in cfg
 
 
 def write_adapter_config(out: Path, opts: dict[str, Any], base_dir: Path) -> None:
