@@ -190,6 +190,27 @@ def test_a_dribbled_request_head_is_cut_at_the_deadline(served):
         assert rest == b"", rest[:200]
 
 
+def test_a_stalled_body_gets_408_and_the_connection_closed(served, monkeypatch):
+    from openelm_mlx.server import body
+
+    monkeypatch.setattr(body, "BODY_IDLE_S", 1.0)  # 30 s in service
+    url, _ = served
+    with socket.create_connection(_addr(url), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"model": '
+        )
+        t0 = time.monotonic()
+        answer = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code":"timeout"' in answer and 0.9 < time.monotonic() - t0 < 5
+
+
 def test_tokenize_of_7_mb_does_not_stall_other_requests(served):
     url, _ = served
     text = ("In the beginning God created the heaven and the earth. " * 130_000)[:7_000_000]
