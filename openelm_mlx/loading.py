@@ -112,7 +112,8 @@ def check_headers(config: OpenELMConfig, quant: Any, files: list[Path], where: P
     norm = shapes.get("transformer.norm.weight")
     if norm is not None and norm != (config.model_dim,):
         raise CheckpointError(
-            f"{where}: model_dim={config.model_dim} but transformer.norm.weight has shape {list(norm)}"
+            f"{where}: tensor transformer.norm.weight has shape {list(norm)}, the config expects "
+            f"[{config.model_dim}]; its shapes (model_dim, head_dim, heads) do not match the weights"
         )
     layers = {int(m.group(1)) for n in shapes if (m := _LAYER.match(n))}
     if layers and max(layers) + 1 != config.num_transformer_layers:
