@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..config import PRESETS, OpenELMConfig
 from ..errors import CheckpointError, OpenELMError
-from . import hub, quantize, writer
+from . import hub, llama2_tokenizer, quantize, writer
 from .sources import Source, load_source
 from .verify import Report, verify
 
@@ -50,9 +50,15 @@ def pick_dtype(requested: str) -> tuple[str, str]:
     )
 
 
-def find_tokenizer(option: str | None, source: Source) -> Path | None:
+def find_tokenizer(option: str | None, source: Source, log: Callable[[str], None] = lambda s: None) -> Path | None:
     if option is None:
-        return source.tokenizer
+        if source.tokenizer is not None or source.config.vocab_size != llama2_tokenizer.VOCAB_SIZE:
+            return source.tokenizer
+        try:  # Apple's checkpoints ship none: Llama 2's, checked by its hash
+            return llama2_tokenizer.fetch(log)
+        except OpenELMError as e:
+            log(f"warning: {e}")
+            return None
     p = Path(option).expanduser()
     if p.is_file():
         return p
@@ -115,7 +121,7 @@ def convert(
     if spec:
         what = f"recipe {quant_recipe}" if quant_recipe else f"{spec.bits}-bit"
         log(f"quantizing: {what}, group size {spec.group_size}, mode {spec.mode}")
-    tok_path = find_tokenizer(tokenizer, source)
+    tok_path = find_tokenizer(tokenizer, source, log)
     if tok_path is not None:
         check_tokenizer(tok_path, cfg.vocab_size)
 

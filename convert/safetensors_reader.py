@@ -12,12 +12,14 @@ import math
 import struct
 from pathlib import Path
 
+from ..config import MAX_JSON_DEPTH, json_depth
 from ..errors import CheckpointError
 from .tensors import DTYPES, LazyTensor, contiguous_strides
 
 _ST_DTYPES = {
     "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64",  # MLX's packed quantized weights
 }  # fmt: skip
 _MAX_HEADER = 100 * 2**20
 
@@ -42,6 +44,10 @@ def read_safetensors(path: str | Path) -> dict[str, LazyTensor]:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: safetensors header is not valid JSON (truncated or corrupt file)") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header nests too deeply (a hostile file?)") from None
+    if json_depth(header) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{path}: safetensors header nests more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_start, data_len = 8 + n, size - 8 - n
@@ -50,7 +56,22 @@ def read_safetensors(path: str | Path) -> dict[str, LazyTensor]:
         if name == "__metadata__":
             continue
         tensors[name] = _tensor(path, name, info, data_start, data_len)
+    _check_disjoint(path, tensors, data_start)
     return tensors
+
+
+def _check_disjoint(path: Path, tensors: dict[str, LazyTensor], data_start: int) -> None:
+    """Tensors may not share bytes (the format says so): otherwise a header of many entries over
+    one region expands a file without bound, the sum of declared sizes far past the file's."""
+    spans = sorted((t.data_offset, t.data_offset + t.nbytes, name) for name, t in tensors.items() if t.nbytes)
+    reach, first = 0, ""
+    for begin, end, second in spans:
+        if begin < reach:
+            raise CheckpointError(
+                f"{path}: tensors {first!r} and {second!r} overlap in the file (bytes {begin - data_start}.."
+                f"{reach - data_start}); a safetensors file holds each tensor's bytes once"
+            )
+        reach, first = end, second
 
 
 def _tensor(path: Path, name: str, info: object, data_start: int, data_len: int) -> LazyTensor:

@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..config import OpenELMConfig, preset_name
+from ..config import OpenELMConfig, parse_json, preset_name
 from ..errors import CheckpointError, ConfigError, OpenELMError, check_names
 from . import hub
 from .hub import looks_local_path
@@ -24,6 +25,7 @@ from .torch_reader import read_torch_checkpoint, state_dict_tensors
 # Non-persistent buffers some exports still carry; they hold no learned weights.
 _IGNORED_SUFFIXES = ("inv_freq", "_cached_cos", "_cached_sin")
 CORENET_PADDED_VOCAB = 32128
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 
 
 @dataclass
@@ -81,8 +83,8 @@ def load_source(src: str, preset: str | None = None, config_file: str | None = N
     generation_config = None
     if gen.is_file():
         try:
-            generation_config = json.loads(gen.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            generation_config = parse_json(gen.read_bytes(), gen)
+        except ConfigError:  # optional: a broken one is left out, as if absent
             generation_config = None
     return Source(src, config, tensors, tok if tok.is_file() else None, generation_config, files, notes)
 
@@ -146,14 +148,20 @@ def _weight_files(folder: Path) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+                names = list(parse_json(index.read_bytes(), index)["weight_map"].values())
+            except (KeyError, TypeError, AttributeError):
                 raise CheckpointError(f"{index}: not a valid shard index (no weight_map)") from None
-            files = [folder / n for n in names]
-            for f in files:
-                if "/" in str(Path(f).relative_to(folder)) or not f.is_file():
-                    raise CheckpointError(f"{index}: lists shard {f.name}, which is missing")
+            files = []
+            for n in sorted(set(map(str, names))):
+                if not _SHARD_NAME.fullmatch(n) or n in (".", "..") or n not in names:
+                    # /etc/passwd, ../x, sub/dir: a shard is a file beside the index, nothing else
+                    raise CheckpointError(
+                        f"{index}: weight_map names shard {str(n)[:80]!r}, not a file name in {folder}; refused"
+                    )
+                f = folder / n
+                if not f.is_file():
+                    raise CheckpointError(f"{index}: lists shard {n}, which is missing")
+                files.append(f)
             return files
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():

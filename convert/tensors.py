@@ -28,6 +28,9 @@ DTYPES: dict[str, tuple[Any, int]] = {
     "int16": (np.int16, 2),
     "int8": (np.int8, 1),
     "uint8": (np.uint8, 1),
+    "uint16": (np.uint16, 2),
+    "uint32": (np.uint32, 4),
+    "uint64": (np.uint64, 8),
     "bool": (np.bool_, 1),
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -68,6 +71,11 @@ class LazyTensor:
         if any(s == 0 for s in self.shape):
             return 0
         return 1 + sum((n - 1) * st for n, st in zip(self.shape, self.strides, strict=True))
+
+    @property
+    def span(self) -> int:
+        """Stored elements the view reaches: fewer than ``numel`` for stride-0 or overlapping views."""
+        return self._span()
 
     @property
     def numel(self) -> int:

@@ -24,6 +24,17 @@ from ..errors import CheckpointError
 from .tensors import DTYPES, LazyTensor
 
 _MAX_PICKLE_BYTES = 64 * 2**20  # a 3B model's data.pkl is about 100 KB
+# A 3B state dict's pickle is ~8k opcodes and ~400 tensors.  Far more means a pickle built to
+# amplify: 8 MiB of BINGETs repeating one memo entry make 4M references, a state dict of
+# millions of names over one tensor.
+_MAX_PICKLE_OPS = 1_000_000
+_MAX_TENSORS = 100_000
+# What the tensors may declare, against the file that holds them: distinct tensors (one object
+# referenced under two names counts once) may total at most twice the file's bytes plus 1 MiB.
+# Real checkpoints stay under 1x (views of one storage partition it); a stride-0 view of a tiny
+# storage (3.5 KB declaring 1.29 GB) or overlapping views far exceed it.
+EXPANSION_LIMIT = 2
+EXPANSION_SLACK = 2**20
 
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "HalfStorage": "float16", "BFloat16Storage": "bfloat16",
@@ -146,7 +157,11 @@ def _prescan(data: bytes, path: Path) -> None:
     actually present (so no allocation follows an untrusted size), and a GLOBAL/INST naming
     anything off the allow-list is refused before unpickling starts."""
     try:
-        for op, arg, _pos in pickletools.genops(data):
+        for count, (op, arg, _pos) in enumerate(pickletools.genops(data)):
+            if count > _MAX_PICKLE_OPS:
+                raise CheckpointError(
+                    f"{path}: data.pkl has over {_MAX_PICKLE_OPS:,} opcodes (a state dict has thousands); refused"
+                )
             if op.name in ("GLOBAL", "INST"):
                 module, _, name = str(arg).partition(" ")
                 if (module, name) not in _ALLOWED:
@@ -230,13 +245,31 @@ def state_dict_tensors(obj: Any, path: Path) -> dict[str, LazyTensor]:
                 break
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"{path}: holds no state dict of tensors")
+    if len(obj) > _MAX_TENSORS:
+        raise CheckpointError(f"{path}: the state dict has {len(obj):,} entries, over {_MAX_TENSORS:,}; refused")
+    budget = EXPANSION_LIMIT * path.stat().st_size + EXPANSION_SLACK
+    declared, seen = 0, set()
     tensors: dict[str, LazyTensor] = {}
     for name, value in obj.items():
         if not isinstance(name, str):
-            raise CheckpointError(f"{path}: state dict key {name!r} is not a string")
+            raise CheckpointError(f"{path}: state dict key {name!r:.60} is not a string")
         if isinstance(value, LazyTensor):
+            if id(value) not in seen:
+                seen.add(id(value))
+                declared += value.nbytes
+                if declared > budget:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} brings the declared size to {declared:,} bytes, over "
+                        f"{EXPANSION_LIMIT}x the file's {path.stat().st_size:,} ({_view(value)}); refused"
+                    )
             clean = name[len("module.") :] if name.startswith("module.") else name
             tensors[clean] = value.renamed(clean)
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     return tensors
+
+
+def _view(t: LazyTensor) -> str:
+    if t.numel > t.span:
+        return f"shape {list(t.shape)} with strides {list(t.strides)} spans {t.span:,} stored elements"
+    return f"shape {list(t.shape)}"

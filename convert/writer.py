@@ -3,15 +3,14 @@
 All files go to a hidden sibling ``.NAME.partial-PID``; only a complete, verified
 directory is renamed to its final name.  ``--force`` swaps an existing directory
 out with two renames, and leftovers of killed runs are removed (and reported) by
-the next run.  A destination that is or holds the source is always refused; one that
-is not a model directory openelm-mlx wrote needs ``--force`` twice.
+the next run.  A destination that is or holds the source is always refused; so is one
+that is not empty and not a model directory openelm-mlx wrote (destinations.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,16 +18,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..destinations import MODEL_FILES, check_replaceable, write_marker
 from ..errors import OpenELMError
 
 SHARD_BYTES = 5 * 2**30
 _PARTIAL = ".partial-"
 _OLD = ".old-"
 # What a conversion writes (and the conversion cache's marker): --force replaces only this.
-WRITTEN = re.compile(
-    r"(config\.json|generation_config\.json|tokenizer\.model|tokenizer_config\.json|README\.md"
-    r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|openelm-mlx-source\.json)"
-)
+WRITTEN = MODEL_FILES
 
 
 def _remove(p: Path) -> None:
@@ -39,7 +36,8 @@ def _remove(p: Path) -> None:
 
 
 def is_converted_model(folder: Path) -> bool:
-    """A directory openelm-mlx wrote: its config.json has our block and it holds only our files."""
+    """A directory openelm-mlx wrote before it left markers: its config.json has our block and it
+    holds only our files (with a marker, ``destinations.refusal`` decides)."""
     if not folder.is_dir() or folder.is_symlink():
         return False
     try:
@@ -51,33 +49,24 @@ def is_converted_model(folder: Path) -> bool:
     return all(WRITTEN.fullmatch(p.name) for p in folder.iterdir())
 
 
-def check_destination(dst: Path, force: int, sources: list[Path]) -> None:
+def check_destination(dst: Path, force: int, sources: list[Path], flag: str = "--mlx-path") -> None:
     """Refuse a destination whose replacement would lose something the user had.
 
-    ``force`` 1 replaces an earlier converted model directory; 2 replaces anything that is
-    not, and does not hold, the source."""
+    With ``force``, an earlier output of openelm-mlx (or an empty folder) is replaced; nothing
+    else ever is."""
     target = dst.expanduser().resolve()
     for s in sources:
         src = s.expanduser().resolve()
         if src == target or target in src.parents:
             what = "is" if src == target else "contains"
             raise OpenELMError(
-                f"--mlx-path {dst} {what} the source {s}: writing there would delete it; choose another directory"
+                f"{flag} {dst} {what} the source {s}: writing there would delete it; choose another directory"
             )
     if not (dst.exists() or dst.is_symlink()):
         return
     if not force:
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
-    if force >= 2 or is_converted_model(dst):
-        return
-    if dst.is_dir() and not dst.is_symlink():
-        others = sorted(p.name for p in dst.iterdir() if not WRITTEN.fullmatch(p.name))
-        why = f"it holds files openelm-mlx did not write ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
-        if not others:
-            why = "it is not a model directory openelm-mlx wrote (its config.json has no openelm_mlx block)"
-    else:
-        why = "it is not a directory"
-    raise OpenELMError(f"--mlx-path {dst}: {why}; --force only replaces earlier conversions: pass --force twice")
+    check_replaceable(dst, flag, MODEL_FILES, legacy=is_converted_model(dst))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -119,6 +108,7 @@ def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
     dst = dst.expanduser().absolute()
     if (dst.exists() or dst.is_symlink()) and not force:
         raise OpenELMError(f"{dst} already exists; pass --force to replace it")
+    check_replaceable(dst, "--mlx-path", MODEL_FILES, legacy=is_converted_model(dst))
     tmp = dst.parent / f".{dst.name}{_PARTIAL}{os.getpid()}"
     _remove(tmp)
     try:
@@ -128,8 +118,11 @@ def staging_dir(dst: Path, force: bool) -> Iterator[Path]:
         raise OpenELMError(f"{dst.parent}: cannot create the output ({e.strerror})") from None
     try:
         yield tmp
+        write_marker(tmp, "output")  # what lets a later --force replace this folder, and only this
         _fsync_tree(tmp)
         if dst.exists() or dst.is_symlink():
+            # Again at the swap: the folder may have changed while the new output was written.
+            check_replaceable(dst, "--mlx-path", MODEL_FILES, legacy=is_converted_model(dst))
             old = dst.parent / f".{dst.name}{_OLD}{os.getpid()}"
             os.rename(dst, old)
             try:

@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="count",
         default=0,
-        help="replace an earlier conversion at --mlx-path; twice (--force --force) to replace anything else there",
+        help="replace an earlier output of openelm-mlx (or an empty folder) at --mlx-path; nothing else is replaced",
     )
     p.set_defaults(func=cmd_convert)
 

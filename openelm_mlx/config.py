@@ -9,6 +9,7 @@ is written down; presets, custom shapes and short HF configs all go through it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from numbers import Number
 from pathlib import Path
@@ -32,6 +33,50 @@ _PRESET_COMMON: dict[str, Any] = {
 }
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Upper bounds checked before any list is expanded or any tensor built: a config.json asking for
+# 1e9 layers or a 1e12 vocabulary is refused in one line instead of exhausting memory.  Each is
+# far above every OpenELM (3B: 36 layers, model_dim 3072, head_dim 128, vocabulary 32000) and
+# above today's large open models (Llama 3 405B: 126 layers, dim 16384, vocabulary 128256).
+LIMITS: dict[str, int] = {
+    "num_transformer_layers": 1024,
+    "model_dim": 65536,
+    "head_dim": 1024,
+    "vocab_size": 2**21,
+    "max_context_length": 2**22,
+    "rope_max_length": 2**22,
+    "ffn_dim_divisor": 65536,
+    "num_gqa_groups": 1024,
+    "heads": 4096,  # per layer, query or KV
+}
+MAX_FFN_MULTIPLIER = 64.0
+MAX_JSON_DEPTH = 32  # a config.json nests 2 levels; a safetensors header 3
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts (iterative: a hostile document cannot make
+    this recurse)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if d <= MAX_JSON_DEPTH:  # deeper is already too deep: no need to walk on
+                stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_json(text: str | bytes, where: object) -> Any:
+    """``json.loads`` with nesting bounded: one ``ConfigError`` line naming ``where`` for invalid
+    JSON, JSON nested past the parser's recursion limit, or past MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        why = "it nests too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise ConfigError(f"{where}: not valid JSON ({why})") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ConfigError(f"{where}: nests lists/objects more than {MAX_JSON_DEPTH} levels deep")
+    return value
 
 
 def make_divisible(v: float, divisor: int) -> int:
@@ -76,6 +121,9 @@ def layerwise_scaling(
         _check_positive_int(name, v)
     qkv = _per_layer("qkv_multipliers", qkv_multipliers, num_transformer_layers)
     ffn = _per_layer("ffn_multipliers", ffn_multipliers, num_transformer_layers)
+    for name, values in (("qkv_multipliers", qkv), ("ffn_multipliers", ffn)):
+        if not all(0 < m <= MAX_FFN_MULTIPLIER for m in values):
+            raise ConfigError(f"{name}={values[:4]}...: each must be in (0, {MAX_FFN_MULTIPLIER:g}]")
     q_dims = [make_divisible(model_dim * m, head_dim * num_gqa_groups) for m in qkv]
     q_heads = [int(q) // head_dim for q in q_dims]
     kv_heads = [h // num_gqa_groups for h in q_heads]
@@ -89,14 +137,16 @@ def _as_int(value: Any, name: str) -> int:
 
 
 def _as_float(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(f"{name}: {value!r} is not a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < math.inf:
+        raise ConfigError(f"{name}: {value!r:.60} is not a finite number")
     return float(value)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name}={value!r}: must be a positive integer")
+        raise ConfigError(f"{name}={value!r:.60}: must be a positive integer")
+    if name in LIMITS and value > LIMITS[name]:
+        raise ConfigError(f"{name}={value}: over the limit of {LIMITS[name]} (a corrupt or hostile config?)")
 
 
 def preset_name(name: str) -> str:
@@ -163,18 +213,27 @@ class OpenELMConfig:
             setattr(self, name, _as_float(getattr(self, name), name))
         for name in ("bos_token_id", "eos_token_id", "rope_max_length"):
             setattr(self, name, _as_int(getattr(self, name), name))
+        _check_positive_int("rope_max_length", self.rope_max_length)
+        for name in ("bos_token_id", "eos_token_id"):
+            if not -1 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name}={getattr(self, name)}: outside the vocabulary (0..{self.vocab_size - 1})")
         for name in ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
         for i, (q, kv, m) in enumerate(zip(self.num_query_heads, self.num_kv_heads, self.ffn_multipliers, strict=True)):
             if q <= 0 or kv <= 0:
                 raise ConfigError(f"layer {i}: num_query_heads={q}, num_kv_heads={kv}: head counts must be positive")
+            if max(q, kv) > LIMITS["heads"]:
+                raise ConfigError(f"layer {i}: num_query_heads={q}, num_kv_heads={kv}: over {LIMITS['heads']} heads")
             if q % kv:
                 raise ConfigError(f"layer {i}: num_query_heads={q} is not divisible by num_kv_heads={kv}")
-            if not m > 0:
-                raise ConfigError(f"layer {i}: ffn_multipliers={m}: must be positive")
-        if not self.rms_norm_eps > 0 or not self.rope_freq_constant > 0:
-            raise ConfigError("rms_norm_eps and rope_freq_constant must be positive")
+            if not 0 < m <= MAX_FFN_MULTIPLIER:
+                raise ConfigError(f"layer {i}: ffn_multipliers={m}: must be in (0, {MAX_FFN_MULTIPLIER:g}]")
+        if not 0 < self.rms_norm_eps < 1 or not 0 < self.rope_freq_constant < 1e12:
+            raise ConfigError(
+                f"rms_norm_eps={self.rms_norm_eps}, rope_freq_constant={self.rope_freq_constant}: "
+                "must be in (0, 1) and (0, 1e12)"
+            )
         if self.activation_fn_name not in ("swish", "silu"):
             raise ConfigError(f"activation_fn_name={self.activation_fn_name!r}: only 'swish' is supported")
         if self.normalization_layer_name != "rms_norm":
@@ -260,11 +319,11 @@ class OpenELMConfig:
     def from_json(cls, path: str | Path) -> OpenELMConfig:
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = parse_json(path.read_bytes(), path)
         except FileNotFoundError:
             raise OpenELMError(f"{path}: no such config file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise OpenELMError(f"{path}: cannot read ({e.strerror})") from None
         try:
             return cls.from_dict(d)
         except ConfigError as e:

@@ -147,12 +147,18 @@ def entries() -> list[Entry]:
     return out
 
 
-def clear() -> tuple[int, int]:
-    """Remove every entry this module wrote, and leftovers of interrupted conversions into it."""
+def clear(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> tuple[int, int]:
+    """Remove every entry this module wrote, and leftovers of interrupted conversions into it.
+    An entry that holds anything else (files put there since) is kept, and said so."""
     from .convert.writer import clean_stale
+    from .destinations import MODEL_FILES, refusal
 
     removed = freed = 0
     for e in entries():
+        why = refusal(e.path, MODEL_FILES, legacy=True)  # its openelm-mlx-source.json vouches for it
+        if why is not None:
+            log(f"kept {e.path}: {why}")
+            continue
         clean_stale(e.path)
         shutil.rmtree(e.path)
         removed, freed = removed + 1, freed + e.nbytes

@@ -7,7 +7,7 @@ and per-module overrides of the ``quantization`` block in ``config.json``.
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import runtime
-from .config import OpenELMConfig
+from .config import OpenELMConfig, parse_json
 from .convert.hub import looks_local_path
 from .errors import CheckpointError, ConfigError, OpenELMError, check_names
 from .model import OpenELM
@@ -37,7 +37,7 @@ def read_config(model_dir: str | Path) -> tuple[OpenELMConfig, dict[str, Any]]:
             "create one with `openelm-mlx convert --hf-path SRC --mlx-path DIR`"
         )
     config = OpenELMConfig.from_json(path)
-    return config, json.loads(path.read_text())
+    return config, parse_json(path.read_bytes(), path)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -62,8 +62,13 @@ def load_model(model_dir: str | Path) -> OpenELM:
     """Build an ``OpenELM`` from a converted directory, checking every tensor's name and shape."""
     model_dir = Path(model_dir)
     config, raw = read_config(model_dir)
+    files = weight_files(model_dir)
+    # Before MLX reads a byte or anything is built: every header parsed by the reader that trusts
+    # nothing (offsets inside the file, no overlapping tensors, bounded nesting), and the config's
+    # sizes checked against what the tensors hold.
+    check_headers(config, raw.get("quantization"), files, model_dir / "config.json")
     weights: dict[str, mx.array] = {}
-    for f in weight_files(model_dir):
+    for f in files:
         try:
             weights.update(mx.load(str(f)))
         except Exception as e:  # MLX raises ValueError/RuntimeError on bad files
@@ -93,6 +98,57 @@ def load_model(model_dir: str | Path) -> OpenELM:
     model.is_instruct = bool(meta.get("instruct")) or "instruct" in model_dir.name.lower()
     runtime.prepare(model)  # the device's matmul routes, decode step and memory policy, once
     return model
+
+
+def check_headers(config: OpenELMConfig, quant: Any, files: list[Path], where: Path) -> None:
+    """The config's layers, width and vocabulary against the tensors' headers, and the
+    quantization block's numbers, before a model of that config is built."""
+    from .convert.safetensors_reader import read_safetensors
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        shapes.update({name: t.shape for name, t in read_safetensors(f).items()})
+    emb = shapes.get("transformer.token_embeddings.weight")
+    if emb is not None and emb[:1] != (config.vocab_size,):
+        raise CheckpointError(f"{where}: vocab_size={config.vocab_size} but the embedding has {emb[0]} rows")
+    norm = shapes.get("transformer.norm.weight")
+    if norm is not None and norm != (config.model_dim,):
+        raise CheckpointError(
+            f"{where}: tensor transformer.norm.weight has shape {list(norm)}, the config expects "
+            f"[{config.model_dim}]; its shapes (model_dim, head_dim, heads) do not match the weights"
+        )
+    layers = {int(m.group(1)) for n in shapes if (m := _LAYER.match(n))}
+    if layers and max(layers) + 1 != config.num_transformer_layers:
+        raise CheckpointError(
+            f"{where}: num_transformer_layers={config.num_transformer_layers} but the weights hold "
+            f"{max(layers) + 1} layers"
+        )
+    if quant is not None:
+        check_quantization(quant, where)
+
+
+_LAYER = re.compile(r"transformer\.layers\.(\d{1,6})\.")
+
+
+def check_quantization(quant: Any, where: Path) -> None:
+    """The quantization block (and each per-module override): a mode MLX has, with its bits and
+    group size.  ``group_size: 0`` reached MLX's kernels and killed the process with SIGFPE."""
+    from .convert.quantize import MODES
+
+    if not isinstance(quant, dict) or not {"group_size", "bits"} <= quant.keys():
+        raise ConfigError(f"{where}: quantization block needs group_size and bits")
+    overrides = {k: v for k, v in quant.items() if isinstance(v, dict)}
+    for field, spec in [("quantization", quant)] + [(f"quantization.{k}", v) for k, v in overrides.items()]:
+        mode = spec.get("mode", quant.get("mode", "affine"))
+        if mode not in MODES:
+            raise ConfigError(f"{where}: {field}.mode={mode!r:.40}: choose one of {', '.join(MODES)}")
+        bits_ok, groups_ok, _ = MODES[mode]
+        for key, allowed in (("bits", bits_ok), ("group_size", groups_ok)):
+            value = spec.get(key, quant[key])
+            if isinstance(value, bool) or value not in allowed:
+                raise ConfigError(
+                    f"{where}: {field}.{key}={value!r:.40}: mode {mode} supports {', '.join(map(str, allowed))}"
+                )
 
 
 def _check_unquantized_shapes(model: nn.Module, weights: dict[str, mx.array], where: Path) -> None:
@@ -165,18 +221,42 @@ def load(
         from .tuner.lora import attach_for_inference
 
         attach_for_inference(model, adapter_path)
-    tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.model"
-    if not tok_file.exists():
-        raise OpenELMError(
-            f"{path}: no tokenizer.model; pass --tokenizer with OpenELM's Llama-2 tokenizer.model "
-            "(or copy one into the model directory)"
-        )
+    tok_file = find_tokenizer(tokenizer, path, model.config.vocab_size)
     tok = Tokenizer(tok_file)
     if tok.vocab_size != model.config.vocab_size:
         raise OpenELMError(
             f"{tok_file}: tokenizer has {tok.vocab_size} pieces but the model's vocabulary is {model.config.vocab_size}"
         )
     return model, tok
+
+
+def find_tokenizer(option: str | Path | None, model_dir: Path, vocab_size: int) -> Path:
+    """``--tokenizer`` (a tokenizer.model, a folder holding one, or a Hub repo id), else the
+    model directory's, else, for a model with Llama 2's vocabulary, Llama 2's tokenizer.model
+    fetched and checked by its SHA-256 (convert/llama2_tokenizer.py)."""
+    import sys
+
+    from .convert import hub, llama2_tokenizer
+
+    if option is not None:
+        p = Path(option).expanduser()
+        if p.is_file():
+            return p
+        if p.is_dir():
+            if (p / "tokenizer.model").is_file():
+                return p / "tokenizer.model"
+            raise OpenELMError(f"--tokenizer {option}: the folder holds no tokenizer.model")
+        if hub.looks_like_repo_id(str(option)) and not looks_local_path(str(option)):
+            return hub.download_file(str(option), "tokenizer.model")  # the user's choice: no hash to check
+        raise OpenELMError(f"--tokenizer {option}: no such file, folder or Hub repo id")
+    if (model_dir / "tokenizer.model").is_file():
+        return model_dir / "tokenizer.model"
+    if vocab_size == llama2_tokenizer.VOCAB_SIZE:
+        return llama2_tokenizer.fetch(lambda s: print(s, file=sys.stderr, flush=True))
+    raise OpenELMError(
+        f"{model_dir}: no tokenizer.model; pass --tokenizer with the model's tokenizer.model "
+        "(or copy one into the model directory)"
+    )
 
 
 def _convert_into_cache(src: str) -> Path:

@@ -14,6 +14,13 @@ import mlx.core as mx
 
 from .errors import OpenELMError
 
+# Where sampling degenerates to argmax, it is done as argmax.  Below GREEDY_TEMP, logits / temp
+# overflow float32 (1e-30 turns logits ~10 into 1e31 and logsumexp into inf - inf = NaN); and
+# only a runner-up within 1e-5 * 88 nats of the top token could still be drawn (exp(-88) is
+# float32's smallest normal).  Below GREEDY_TOP_P the nucleus is the top token alone.
+GREEDY_TEMP = 1e-5
+GREEDY_TOP_P = 1e-6
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -85,10 +92,11 @@ def make_sampler(opts: SamplingOptions, seed: int | None = None) -> Callable[[mx
     """
     check_seed(seed)
     key = [mx.random.key(seed)] if seed is not None else None
+    greedy = opts.temp < GREEDY_TEMP or opts.top_p < GREEDY_TOP_P
 
     def sample(logits: mx.array, context: mx.array) -> mx.array:
         logits = apply_repetition_penalty(logits.astype(mx.float32), context, opts.repetition_penalty)
-        if opts.temp == 0:
+        if greedy:
             return mx.argmax(logits, axis=-1)
         logprobs = filter_logits(logits, opts)
         if key is None:

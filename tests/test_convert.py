@@ -223,9 +223,10 @@ def test_destination_is_never_touched_without_force(tmp_path):
     out = cli("convert", "--hf-path", str(src), "--mlx-path", str(dst), "--force")
     assert out.returncode == 1 and "did not write (mine.txt)" in out.stderr  # not an earlier conversion
     assert (dst / "mine.txt").read_text() == "keep me"
+    # Nor twice (issue 23: a user's folder is never replaced).
     out = cli("convert", "--hf-path", str(src), "--mlx-path", str(dst), "--force", "--force")
-    assert out.returncode == 0, out.stderr
-    assert not (dst / "mine.txt").exists() and (dst / "model.safetensors").is_file()
+    assert out.returncode == 1 and "did not write (mine.txt)" in out.stderr
+    assert (dst / "mine.txt").read_text() == "keep me" and not (dst / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

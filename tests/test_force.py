@@ -43,28 +43,26 @@ def test_single_file_source_inside_the_destination(tmp_path, source):
     assert out.returncode == 1 and "contains the source" in out.stderr
 
 
-def test_a_folder_that_is_not_a_conversion_needs_force_twice(tmp_path, source):
+def test_a_folder_that_is_not_a_conversion_is_never_replaced(tmp_path, source):
+    """Issue 23: --force --force used to replace anything; now nothing of the user's is replaced."""
     dst = tmp_path / "notes"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    once = convert_cli(source, dst, "--force")
-    assert once.returncode == 1 and "holds files openelm-mlx did not write (notes.txt)" in once.stderr
-    assert "--force twice" in once.stderr and (dst / "notes.txt").read_text() == "mine"
-    twice = convert_cli(source, dst, "--force", "--force")
-    assert twice.returncode == 0, twice.stderr
-    assert not (dst / "notes.txt").exists() and (dst / "model.safetensors").is_file()
+    for forces in (1, 2):
+        out = convert_cli(source, dst, *["--force"] * forces)
+        assert out.returncode == 1 and "holds files openelm-mlx did not write (notes.txt)" in out.stderr
+        assert (dst / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_regular_file_needs_force_twice_and_leaves_no_backup(tmp_path, source):
+def test_a_regular_file_is_never_replaced(tmp_path, source):
     dst = tmp_path / "model"
     dst.write_text("a file of the user's")
-    once = convert_cli(source, dst, "--force")
-    assert once.returncode == 1 and "it is not a directory" in once.stderr and dst.read_text() == "a file of the user's"
-    twice = convert_cli(source, dst, "--force", "--force")
-    assert twice.returncode == 0, twice.stderr
-    assert dst.is_dir() and (dst / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no .model.old-PID left behind
+    for forces in (1, 2):
+        out = convert_cli(source, dst, *["--force"] * forces)
+        assert out.returncode == 1 and "it is a file, not a folder" in out.stderr
+    assert dst.read_text() == "a file of the user's"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_an_earlier_conversion_is_replaced_with_one_force(tmp_path, source):

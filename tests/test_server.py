@@ -413,10 +413,18 @@ def _nested(inner):
     return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
 
 
+# Besides the usual: 400-digit integers, lone surrogates (as JSON's \\ud800 escapes), tiny
+# positive numbers (temperature or top_p 1e-30), each once a 500 with a traceback (issue #23).
+_hostile = st.sampled_from([10**400, -(10**400), 1e-30, 5e-324, "\ud800", "a\udfffb", "\ud83d\ude00"]) | st.text(
+    alphabet=st.characters(codec=None, categories=["Cs", "Ll"]), max_size=4
+)
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20) | _hostile,
     _nested,
     max_leaves=12,
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant"]) | _json, "content": st.text(max_size=8) | _json}
 )
 _fields = st.sampled_from(
     "model messages prompt max_tokens max_completion_tokens temperature top_p top_k min_p repetition_penalty "
@@ -426,8 +434,14 @@ _fields = st.sampled_from(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=st.dictionaries(_fields, _json, max_size=8), path=st.sampled_from(["chat/completions", "completions"]))
-def test_fuzzed_bodies_get_4xx_or_an_answer(limited_url, body, path):
+@given(
+    body=st.dictionaries(_fields, _json, max_size=8),
+    messages=st.none() | st.lists(_message, min_size=1, max_size=3),
+    path=st.sampled_from(["chat/completions", "completions"]),
+)
+def test_fuzzed_bodies_get_4xx_or_an_answer(limited_url, body, messages, path):
+    if messages is not None:
+        body = {**body, "messages": messages}
     r = post(limited_url, f"/v1/{path}", body, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code < 500, r.text
     if r.status_code >= 400:

@@ -17,7 +17,8 @@ import pytest
 from helpers import running_server as running
 
 from openelm_mlx.loading import load
-from openelm_mlx.server.app import MAX_BODY_BYTES, Settings
+from openelm_mlx.server.app import Settings
+from openelm_mlx.server.body import MAX_BODY_BYTES
 from openelm_mlx.server.guard import Policy
 from openelm_mlx.server.protocol import Limits, ServedModel
 

@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from ..errors import OpenELMError
 from ..grammar import GrammarError, compile_spec
+from .body import read_json
 from .guard import COMMON_HEADERS, Policy, header, page_headers
 from .metrics import Metrics
 from .protocol import (
@@ -54,7 +55,6 @@ from .worker import Worker
 
 log = logging.getLogger("openelm_mlx.server")
 
-MAX_BODY_BYTES = 8 * 2**20
 # A schema's grammar compiles in ~1-60 ms (BENCHMARKS.md, "Structured output"); llguidance's fuel
 # limits (grammar/constraint.py) stop a hostile one, and this bounds the wait whatever happens.
 COMPILE_TIMEOUT_S = 10.0
@@ -132,12 +132,14 @@ class Server:
     # --- routes -----------------------------------------------------------------------------
 
     async def chat(self, request: HTTPRequest) -> Response:
-        req = parse_chat(await _read_json(request), self.models, self.settings.limits)
+        # Parsing tokenizes the prompt: in a thread, so a long one does not stall other requests.
+        req = await asyncio.to_thread(parse_chat, await read_json(request), self.models, self.settings.limits)
         return await self._answer(request, req)
 
     async def completions(self, request: HTTPRequest) -> Response:
-        body = await _read_json(request)
-        req = parse_completion(body, self.models, self.settings.limits, self.settings.max_concurrency)
+        body = await read_json(request)
+        s = self.settings
+        req = await asyncio.to_thread(parse_completion, body, self.models, s.limits, s.max_concurrency)
         return await self._answer(request, req)
 
     async def _compile(self, req: Request) -> None:
@@ -332,8 +334,13 @@ class Server:
         )
 
     async def tokenize(self, request: HTTPRequest) -> Response:
-        body = await _read_json(request)
+        body = await read_json(request)
         served = self._model_of(body)
+        # Off the event loop: 7 MB of text takes SentencePiece seconds, and the answer's JSON
+        # (a million ids) is built there too.
+        return await asyncio.to_thread(self._tokenize, body, served)
+
+    def _tokenize(self, body: dict, served: ServedModel) -> Response:
         text = body.get("prompt")
         if not isinstance(text, str):
             raise APIError(400, "prompt: expected a string", param="prompt")
@@ -349,8 +356,10 @@ class Server:
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": served.context})
 
     async def detokenize(self, request: HTTPRequest) -> Response:
-        body = await _read_json(request)
-        served = self._model_of(body)
+        body = await read_json(request)
+        return await asyncio.to_thread(self._detokenize, body, self._model_of(body))
+
+    def _detokenize(self, body: dict, served: ServedModel) -> Response:
         tokens = body.get("tokens")
         vocab = served.model.config.vocab_size
         if not isinstance(tokens, list) or not all(
@@ -376,32 +385,6 @@ async def _disconnected(request: HTTPRequest) -> None:
         pass
 
 
-async def _read_json(request: HTTPRequest) -> dict:
-    size = request.headers.get("content-length")
-    too_big = APIError(413, f"the request body is over {MAX_BODY_BYTES // 2**20} MiB")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise too_big
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json":
-        # text/plain is what a cross-site page may POST without a preflight
-        raise APIError(415, f"Content-Type {kind or '(none)'}: expected application/json", param="Content-Type")
-    # Counted while reading: a chunked body has no Content-Length to refuse up front.
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY_BYTES:
-            raise too_big
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
-
-
 async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
     async for event in events:
         yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
@@ -409,7 +392,9 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 
 def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    # After a 413 or 408 the rest of the body is unread: close rather than read it to the end.
+    headers = {"Connection": "close"} if e.status in (408, 413) else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 async def _on_api_error(request: HTTPRequest, exc: Exception) -> Response:

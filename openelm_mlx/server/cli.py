@@ -13,6 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OpenELMError
+from .connections import ACCEPT_BACKLOG, DEFAULT_MAX_CONNECTIONS, HEAD_TIMEOUT_S, connection_cap, guarded_protocol
 
 if TYPE_CHECKING:  # the server's modules load only when it runs, not for every CLI command
     from .app import Settings
@@ -57,6 +58,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--adapter-path", help="LoRA adapters to apply to the model")
     p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoding together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond those; more get 429")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        help="open connections at most (default 1024, lowered to stay 128 below the descriptor limit); "
+        "past it a new one closes the oldest still sending its request head",
+    )
     p.add_argument("--max-tokens", type=int, default=512, help="tokens to generate when a request names none")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="refuse (400) requests asking for more")
     p.add_argument(
@@ -77,7 +85,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for flag in ("max_concurrency", "max_tokens"):
+    for flag in ("max_concurrency", "max_tokens", "max_connections"):
         if getattr(args, flag) < 1:
             raise OpenELMError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     for flag in ("max_queue", "prompt_cache_bytes"):
@@ -133,7 +141,16 @@ class GracefulServer:
     """uvicorn's server, with a shutdown that lets running requests finish (for a bounded time)
     and then returns, so the process exits 0 instead of re-raising the signal."""
 
-    def __init__(self, app: Any, worker: Worker, sock: socket.socket, log_level: str, grace: float):
+    def __init__(
+        self,
+        app: Any,
+        worker: Worker,
+        sock: socket.socket,
+        log_level: str,
+        grace: float,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        head_timeout: float = HEAD_TIMEOUT_S,
+    ):
         import uvicorn
 
         class _Server(uvicorn.Server):
@@ -146,7 +163,16 @@ class GracefulServer:
                     self.force_exit = True
                 self.should_exit = True
 
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on")
+        self.max_connections = connection_cap(max_connections)
+        config = uvicorn.Config(
+            app,
+            log_level=log_level,
+            access_log=False,
+            lifespan="on",
+            http=guarded_protocol(self.max_connections, head_timeout),
+            timeout_keep_alive=5,  # idle between requests (uvicorn's default, stated)
+            backlog=ACCEPT_BACKLOG,
+        )
         self.server, self.sock = _Server(config), sock
 
     def run(self) -> None:
@@ -165,7 +191,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OpenELMError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
-    sock.listen(128)
+    sock.listen(ACCEPT_BACKLOG)
     sock.set_inheritable(True)
     return sock
 
@@ -180,6 +206,8 @@ def build_server(
     prompt_cache_bytes: int = 512 * 2**20,
     log_level: str = "info",
     grace: float = 10.0,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    head_timeout: float = HEAD_TIMEOUT_S,
 ) -> GracefulServer:
     from ..engine import Engine
     from .app import Settings, create_app
@@ -200,7 +228,7 @@ def build_server(
 
     worker = Worker({name: factory(m) for name, m in models.items()}, metrics)
     app = create_app(models, worker, metrics, settings)
-    return GracefulServer(app, worker, bind(host, port), log_level, grace)
+    return GracefulServer(app, worker, bind(host, port), log_level, grace, max_connections, head_timeout)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
         prompt_cache_bytes=args.prompt_cache_bytes,
         log_level=args.log_level,
         grace=args.shutdown_timeout,
+        max_connections=args.max_connections,
     )
     host, port = server.sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

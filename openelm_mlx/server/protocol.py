@@ -97,11 +97,17 @@ def _number(body: dict, name: str, default: float, lo: float | None = None, hi: 
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    # abs(v) < inf, not math.isfinite: a 400-digit integer overflows a float conversion.
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) < math.inf:
         raise _bad(name, f"expected a finite number, got {v!r:.60}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _bad(name, f"{v} is out of range [{lo}, {hi}]")
+        raise _bad(name, f"{_shown(v)} is out of range [{lo}, {hi}]")
     return float(v)
+
+
+def _shown(v: float) -> str:
+    text = str(v)
+    return text if len(text) <= 40 else f"a number of {len(text)} digits"
 
 
 def _integer(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None) -> int | None:
@@ -111,7 +117,7 @@ def _integer(body: dict, name: str, default: int | None, lo: int | None = None, 
     if isinstance(v, bool) or not isinstance(v, int):
         raise _bad(name, f"expected an integer, got {v!r:.60}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise _bad(name, f"{v} is out of range [{lo}, {hi}]")
+        raise _bad(name, f"{_shown(v)} is out of range [{lo}, {hi}]")
     return v
 
 
@@ -198,9 +204,9 @@ def _common(body: dict, served: ServedModel, longest_prompt: int, limits: Limits
         min_p=_number(body, "min_p", 0.0, 0, 0.999),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.01, 10),
     )
-    max_tokens = _integer(body, "max_completion_tokens", None, lo=0)
+    max_tokens = _integer(body, "max_completion_tokens", None, lo=0, hi=2**31 - 1)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, lo=0)
+        max_tokens = _integer(body, "max_tokens", None, lo=0, hi=2**31 - 1)
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     left = served.context - longest_prompt
     if left < (0 if allow_zero else 1):
@@ -226,7 +232,7 @@ def _common(body: dict, served: ServedModel, longest_prompt: int, limits: Limits
             param=param,
             code="context_length_exceeded",
         )
-    seed = _integer(body, "seed", None)
+    seed = _integer(body, "seed", None, lo=-(2**63), hi=2**64 - 1)
     return {
         "max_tokens": max_tokens,
         "sampling": sampling,
@@ -314,7 +320,7 @@ def parse_chat(body: dict, models: dict[str, ServedModel], limits: Limits) -> Re
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]", "expected an object with role and content")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise _bad(f"messages[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r:.40}")
         turns.append((ROLES[role], _turn_text(m, i)))
     spec = _output_spec(body, chat=True)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..destinations import ADAPTER_FILES, check_replaceable, write_marker
 from ..errors import OpenELMError
 from .lora import ADAPTER_FILE, CONFIG_FILE, FINE_TUNE_TYPES, TARGETS
 from .trainer import TrainConfig
@@ -151,6 +152,8 @@ def run_lora(args: argparse.Namespace) -> int:
     resuming_here = resume is not None and resume.resolve().parent == out.resolve()
     if cfg.iters and (out / ADAPTER_FILE).exists() and not (opts["force"] or resuming_here):
         raise OpenELMError(f"--adapter-path {out} already holds {ADAPTER_FILE}; pass --force or another folder")
+    if cfg.iters:  # files there get replaced: only in a folder lora wrote, or an empty one
+        check_replaceable(out, "--adapter-path", ADAPTER_FILES, legacy=_written_by_lora(out))
 
     model, tok = load(opts["model"], tokenizer=opts["tokenizer"])
     data = datasets.load(opts["data"], tok, cfg.max_seq_length, bool(opts["mask_prompt"]), bool(opts["test"]))
@@ -163,9 +166,12 @@ def run_lora(args: argparse.Namespace) -> int:
         f"{opts['fine_tune_type']}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%); "
         f"data: {', '.join(f'{k} {len(v):,} sequences' for k, v in data.items())}; {group.size()} process(es)"
     )
+    if resume is not None:  # before anything is written or trained
+        check_resume(resume, opts, lora.trainable_weights(model))
     base_dir = Path(getattr(model, "source_dir", opts["model"]))
     if rank == 0 and cfg.iters:
         out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "lora")
         write_adapter_config(out, opts, base_dir)
     result = trainer.train(model, data, cfg, out if cfg.iters else None, resume, say)
     if result.interrupted:
@@ -175,6 +181,65 @@ def run_lora(args: argparse.Namespace) -> int:
         loss = trainer.evaluate(model, data["test"], cfg, opts["test_batches"])
         say(f"test loss {loss:.4f}, test ppl {math.exp(loss):.3f}")
     return 0
+
+
+RESUME_FIELDS = ("fine_tune_type", "rank", "alpha", "targets", "num_layers")
+
+
+def check_resume(file: Path, opts: dict[str, Any], expected: dict[str, Any]) -> None:
+    """The adapter file a run resumes from against this run: the settings recorded beside it
+    (adapter_config.json: type, rank, alpha, targets, layers), then every tensor's name and shape
+    from the file's header (nothing loaded), so a mismatch is one line before the first step."""
+    from ..convert.safetensors_reader import read_safetensors
+    from ..loading import check_names
+
+    flag = f"--resume-adapter-file {file}"
+    if not file.is_file():
+        raise OpenELMError(f"{flag}: no such file")
+    beside = file.parent / CONFIG_FILE
+    if beside.is_file():
+        try:
+            recorded = json.loads(beside.read_text())
+        except (OSError, ValueError, RecursionError):
+            raise OpenELMError(f"{flag}: {beside} is not valid JSON") from None
+        if not isinstance(recorded, dict):
+            raise OpenELMError(f"{flag}: {beside} is not a JSON object")
+        for key in RESUME_FIELDS:
+            if key not in recorded or (key in ("rank", "alpha") and opts["fine_tune_type"] == "full"):
+                continue
+            theirs, ours = recorded[key], opts[key]
+            if key == "targets":
+                same = isinstance(theirs, list) and sorted(map(str, theirs)) == sorted(ours)
+            elif key == "alpha":
+                same = isinstance(theirs, (int, float)) and float(theirs) == float(ours)
+            else:
+                same = theirs == ours
+            if not same:
+                option = "--" + key.replace("_", "-")
+                raise OpenELMError(
+                    f"{flag}: trained with {key} {theirs!r:.80} ({beside.name}), this run has {option} {ours!r}; "
+                    "resume with the same settings"
+                )
+    try:
+        shapes = {name: t.shape for name, t in read_safetensors(file).items()}
+    except OpenELMError as e:
+        raise OpenELMError(f"{flag}: {e}") from None
+    check_names(expected, shapes, file, "; the adapter was trained with other --targets/--num-layers/--rank")
+    for name, shape in shapes.items():
+        if shape != tuple(expected[name].shape):
+            raise OpenELMError(
+                f"{flag}: tensor {name} has shape {list(shape)}, this run's adapters have {list(expected[name].shape)} "
+                "(another --rank?)"
+            )
+
+
+def _written_by_lora(folder: Path) -> bool:
+    """An adapter folder from before markers: its adapter_config.json has lora's own fields."""
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "base_model_sha256" in cfg and "fine_tune_type" in cfg
 
 
 def write_adapter_config(out: Path, opts: dict[str, Any], base_dir: Path) -> None:

@@ -18,7 +18,6 @@ from mlx.utils import tree_flatten
 
 from ..convert import quantize, writer
 from ..convert.pipeline import TOKENIZER_CONFIG
-from ..errors import OpenELMError
 from ..loading import load_model, read_config
 from .lora import attach, dequantize_in_place, fuse_in_place, model_hash
 
@@ -40,8 +39,8 @@ def fuse(
     dst = Path(mlx_path).expanduser().absolute()
     for message in writer.clean_stale(dst):
         log(message)
-    if dst.exists() and not force:
-        raise OpenELMError(f"{dst} already exists; pass --force to replace it")
+    # Never the base model or the adapters, and with --force only an earlier output or an empty folder.
+    writer.check_destination(dst, force, [model_dir, adapter_path])
     spec = quantize.check_spec(q_bits, q_group_size, q_mode) if quantize_model else None
     config, raw = read_config(model_dir)
     model = load_model(model_dir)
