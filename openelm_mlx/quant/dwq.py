@@ -1,0 +1,95 @@
+"""DWQ: distil the float model into the quantized one by training only what quantization keeps
+continuous, each quantized module's scales and biases and the (unquantized) RMSNorm weights,
+to minimise KL(teacher || student) on calibration rows.
+
+The integer levels stay as rounded (plainly or by GPTQ); the teacher's logits are computed for
+each batch as it comes and dropped after the step, so memory is one batch of logits, not the
+data set's.  The held-out rows are scored before and after: if training made them worse (too
+high a learning rate, too little data) the starting point is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..model import OpenELM
+from .kl import kl_per_token, log_probs, mean_kl
+from .progress import Progress
+
+# Defaults measured on the bundled model, 3-bit g64, 128 rows of 256 tokens: the held-out KL fell
+# from 0.0329 (plain rounding) to 0.0093 in 100 steps at 1e-4 (400 s on the shared 2-core box).
+STEPS = 100
+BATCH = 4
+LEARNING_RATE = 1e-4
+
+
+@dataclass
+class Options:
+    steps: int = STEPS
+    batch: int = BATCH
+    learning_rate: float = LEARNING_RATE
+    seed: int = 0
+
+
+def _trainable(model: OpenELM) -> None:
+    model.freeze()
+
+    def unfreeze(_, m: nn.Module) -> None:
+        if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) and m.mode == "affine":
+            m.unfreeze(keys=["scales", "biases"], recurse=False)
+        elif isinstance(m, nn.RMSNorm):
+            m.unfreeze(keys=["weight"], recurse=False)
+
+    model.apply_to_modules(unfreeze)
+
+
+def distill(
+    student: OpenELM, teacher: OpenELM, train: mx.array, held_out: mx.array, opts: Options, progress: Progress
+) -> dict:
+    """Train ``student`` in place; returns the figures for the recipe."""
+    _trainable(student)
+    start = {k: v for k, v in tree_flatten(student.trainable_parameters())}
+    before = mean_kl(student, teacher, held_out)
+    optimizer = optim.Adam(learning_rate=opts.learning_rate)
+    rng = np.random.default_rng(opts.seed)
+
+    def loss_fn(model: OpenELM, x: mx.array, target: mx.array) -> mx.array:
+        return kl_per_token(target, model(x)).mean()
+
+    step = nn.value_and_grad(student, loss_fn)
+    order: list[int] = []
+    progress.start("dwq: distilling", opts.steps, "steps")
+    running = None
+    for _ in range(opts.steps):
+        if len(order) < opts.batch:  # a fresh shuffle of the rows each epoch
+            order += rng.permutation(train.shape[0]).tolist()
+        idx, order = order[: opts.batch], order[opts.batch :]
+        x = train[mx.array(idx)]
+        target = mx.stop_gradient(log_probs(teacher(x)))
+        loss, grads = step(student, x, target)
+        optimizer.update(student, grads)
+        mx.eval(loss, student.trainable_parameters(), optimizer.state)
+        running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
+        progress.step(kl=running)
+    seconds = progress.done()
+    after = mean_kl(student, teacher, held_out)
+    kept = after <= before
+    if not kept:
+        student.update(tree_unflatten(list(start.items())))
+    student.unfreeze()
+    return {
+        "steps": opts.steps,
+        "batch_size": opts.batch,
+        "learning_rate": opts.learning_rate,
+        "seq_len": int(train.shape[1]),
+        "held_out_kl_before": round(before, 6),
+        "held_out_kl_after": round(after, 6),
+        "kept": "trained" if kept else "start (training did not lower the held-out KL)",
+        "seconds": round(seconds, 1),
+    }
