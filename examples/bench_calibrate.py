@@ -23,9 +23,9 @@ import traceback
 from pathlib import Path
 
 import mlx.core as mx
+from openelm_mlx.convert.pipeline import convert
 
 from openelm_mlx.compare import compare
-from openelm_mlx.convert.pipeline import convert
 from openelm_mlx.loading import load
 from openelm_mlx.quant import data as calibration_data
 from openelm_mlx.quant import dwq, recipe

@@ -18,9 +18,9 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from openelm_mlx.convert.quantize import QuantSpec, plan
 
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.convert.quantize import QuantSpec, plan
 from openelm_mlx.loading import load
 from openelm_mlx.model import OpenELM
 from openelm_mlx.quant import dwq, recipe

@@ -15,10 +15,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from openelm_mlx.compare import compare
 from openelm_mlx.convert.pipeline import convert
 from openelm_mlx.convert.quantize import QuantSpec
+
+from openelm_mlx.compare import compare
 from openelm_mlx.loading import load, load_model
 from openelm_mlx.quant import dwq, gptq, recipe
 
