@@ -94,7 +94,8 @@ def load(
             f"{flag} {file}: {len(ids)} tokens, shorter than two sequences of --calibration-seq-len {seq_len} "
             "(one to calibrate on, one held out); give more text or a shorter --calibration-seq-len"
         )
-    held = min(MAX_HELD_OUT, max(1, round(rows * HELD_OUT_FRACTION)))
+    # a tenth of the rows calibration uses (at least 2, at most MAX_HELD_OUT), from the end of the text
+    held = min(rows - 1, MAX_HELD_OUT, max(2, round(min(rows, max_sequences) * HELD_OUT_FRACTION)))
     train_rows = min(rows - held, max_sequences)
     bos = tokenizer.bos_id
     table = [[bos] + ids[r * body : (r + 1) * body] for r in range(rows)]
