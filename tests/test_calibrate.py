@@ -8,6 +8,7 @@ loaders; bad calibration data is a one-line error."""
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,32 @@ def test_bad_calibration_flags_are_one_line(tmp_path, args, message):
     rc, err = cli("convert", "--hf-path", str(BUNDLED), "--mlx-path", str(tmp_path / "out"), "--no-verify", *args)
     assert rc == 1 and "Traceback" not in err and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_shows_the_recipe(converted, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(VALID.read_text()[:3000])
+    args = ["compare", "--model", str(converted / "gptq"), "--reference", str(BUNDLED), "--text", str(text)]
+    out = subprocess.run([sys.executable, "-m", "openelm_mlx.cli", *args, "--context", "64"], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.decode().splitlines()[0]
+    assert first.startswith("model: calibrated with gptq on bundled:kjv-calibration.txt (sha256 "), first
+    assert "round-to-nearest" in first
+
+
+def test_ctrl_c_during_calibration_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "openelm_mlx.cli", "convert", "--hf-path", str(BUNDLED), "--mlx-path", str(out),
+         "-q", "--calibrate", "dwq", "--dwq-steps", "10000", "--calibration-samples", "8"],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    seen = b""
+    while b"calibration data:" not in seen:  # the float model is built; calibration has begun
+        line = proc.stderr.readline()
+        assert line, seen.decode()
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
