@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--out", help="keep the models here (default: a temporary directory)")
     ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--only", nargs="+", help="run only the variants whose names start with these (e.g. plain gptq)")
     ap.add_argument("--mlx-lm-dwq-lr", type=float, nargs="+", default=[1e-4], help="mlx-lm's default is 1e-6")
     args = ap.parse_args()
     reference, tok = load(BUNDLED)
@@ -130,6 +131,8 @@ def main() -> None:
                 for lr in args.mlx_lm_dwq_lr:
                     variants[f"mlx-lm dwq lr {lr:g}"] = ("dwq", lr)
                 variants[f"mlx-lm dynamic_quant {target:g} bpw"] = ("dynamic", 0.0)
+            if args.only:
+                variants = {k: v for k, v in variants.items() if k.startswith(tuple(args.only))}
             for name, spec in variants.items():
                 dst = root / f"q{bits}-{name.replace(' ', '_')}"
                 t0 = time.perf_counter()
