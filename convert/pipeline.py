@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -17,6 +18,9 @@ from ..errors import CheckpointError, OpenELMError
 from . import hub, llama2_tokenizer, quantize, writer
 from .sources import Source, load_source
 from .verify import Report, verify
+
+if TYPE_CHECKING:
+    from ..quant.recipe import Options as CalibrateOptions
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FLOAT16_MAX = 65504.0
@@ -99,16 +103,22 @@ def convert(
     verify_tokens: int = 32,
     max_kl: float | None = None,
     force: bool | int = False,
+    calibrate: CalibrateOptions | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> Result:
     """Convert ``hf_path`` into ``mlx_path``. ``force`` (or 1) replaces an earlier conversion there;
-    2 replaces whatever is there, except the source or a folder holding it."""
+    2 replaces whatever is there, except the source or a folder holding it.  ``calibrate`` quantizes
+    with GPTQ / DWQ / dynamic bit allocation (``openelm_mlx.quant``) instead of plain rounding."""
     dst = Path(mlx_path).expanduser().absolute()
     for message in writer.clean_stale(dst):
         log(message)
     local = [Path(hf_path).expanduser()] if Path(hf_path).expanduser().exists() else []
     writer.check_destination(dst, int(force), local)  # fail before any download
     spec = quantize.check_spec(q_bits, q_group_size, q_mode, quant_recipe) if (quantize_model or quant_recipe) else None
+    if calibrate is not None and (spec is None or quant_recipe):
+        raise OpenELMError(
+            "--calibrate needs -q and no --quant-recipe (for mixed bits, use --calibrate dynamic --target-bpw)"
+        )
     source = load_source(hf_path, preset=preset, config_file=config)
     writer.check_destination(dst, int(force), local + source.files)  # a Hub source lives in its cache
     cfg = source.config
@@ -124,9 +134,15 @@ def convert(
     tok_path = find_tokenizer(tokenizer, source, log)
     if tok_path is not None:
         check_tokenizer(tok_path, cfg.vocab_size)
+    elif calibrate is not None:
+        raise OpenELMError(f"--calibrate tokenizes its text and the source has no tokenizer. {LLAMA2_TOKENIZER_HINT}")
 
+    recipe = None
     with writer.staging_dir(dst, force) as tmp:
-        weights = _convert_tensors(source, DTYPES[out_dtype], modules)
+        if calibrate is not None:
+            weights, modules, recipe = _calibrated(source, DTYPES[out_dtype], modules, tok_path, calibrate, log)
+        else:
+            weights = _convert_tensors(source, DTYPES[out_dtype], modules)
         log(f"writing {_size(sum(w.nbytes for w in weights.values()))} of weights ...")
         writer.save_weights(tmp, weights)
         del weights
@@ -138,6 +154,8 @@ def convert(
         if block:
             config_json["quantization"] = block
         config_json["openelm_mlx"] = {"source": hf_path, "dtype": out_dtype, "instruct": source.is_instruct}
+        if recipe is not None:
+            config_json["openelm_mlx"]["calibration"] = recipe
         writer.write_json(tmp / "config.json", config_json)
         gen = source.generation_config or {}
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **gen}
@@ -145,7 +163,7 @@ def convert(
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.model")
             writer.write_json(tmp / "tokenizer_config.json", TOKENIZER_CONFIG)
-        writer.write_text(tmp / "README.md", _model_card(hf_path, cfg, out_dtype, block, tok_path))
+        writer.write_text(tmp / "README.md", _model_card(hf_path, cfg, out_dtype, block, tok_path, recipe))
         report = None
         if run_verify:
             try:
@@ -164,6 +182,21 @@ def convert(
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _calibrated(
+    source: Source, dtype: mx.Dtype, modules: dict, tok_path: Path, opts: CalibrateOptions, log: Callable
+) -> tuple[dict[str, mx.array], dict, dict]:
+    """The float model in memory, then ``openelm_mlx.quant``'s methods on it."""
+    from ..model import OpenELM
+    from ..quant.recipe import calibrate
+    from ..tokenizer import Tokenizer
+
+    model = OpenELM(source.config)
+    model.load_weights(list(_convert_tensors(source, dtype, {}).items()))
+    mx.eval(model.parameters())
+    result = calibrate(model, Tokenizer(tok_path), modules, opts, log)
+    return result.weights, result.modules, result.recipe
 
 
 def _convert_tensors(source: Source, dtype: mx.Dtype, modules: dict) -> dict[str, mx.array]:
@@ -211,9 +244,16 @@ def is_apple_model(src: str, config: OpenELMConfig) -> bool:
     )
 
 
-def _model_card(src: str, cfg: OpenELMConfig, dtype: str, quant: dict | None, tokenizer: Path | None) -> str:
+def _model_card(
+    src: str, cfg: OpenELMConfig, dtype: str, quant: dict | None, tokenizer: Path | None, recipe: dict | None = None
+) -> str:
     apple = is_apple_model(src, cfg)
     q = f"{quant['bits']}-bit ({quant['mode']}, group size {quant['group_size']})" if quant else "none"
+    if recipe:
+        q += (
+            f", calibrated ({'+'.join(recipe['methods'])} on {recipe['data']}: held-out KL {recipe['held_out_kl']:g}, "
+            f"round-to-nearest {recipe['held_out_kl_round_to_nearest']:g}; recipe in config.json)"
+        )
     if tokenizer is None:
         tok = "none: add a Llama-2 tokenizer.model" if apple else "none: add the source's tokenizer.model"
     else:

@@ -73,6 +73,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"note: --quant-recipe {args.quant_recipe} sets the bits per module; --q-bits {args.q_bits} is ignored",
             file=sys.stderr,
         )
+    calibrate = _calibrate_options(args)
     convert(
         args.hf_path,
         args.mlx_path,
@@ -88,8 +89,76 @@ def cmd_convert(args: argparse.Namespace) -> int:
         run_verify=not args.no_verify,
         max_kl=args.max_kl,
         force=args.force,
+        calibrate=calibrate,
     )
     return 0
+
+
+def _calibrate_options(args: argparse.Namespace):
+    """``convert --calibrate``'s options; every calibration flag defaults to None so a stray one is named."""
+    from .quant import recipe
+
+    dwq_flags = {"--dwq-steps": args.dwq_steps, "--dwq-batch-size": args.dwq_batch_size, "--dwq-lr": args.dwq_lr}
+    flags = {
+        "--calibration-data": args.calibration_data,
+        "--calibration-seq-len": args.calibration_seq_len,
+        "--calibration-samples": args.calibration_samples,
+        "--target-bpw": args.target_bpw,
+        "--seed": args.seed,
+        **dwq_flags,
+    }
+    if args.calibrate is None:
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise OpenELMError(f"{given[0]} is for --calibrate; add --calibrate gptq, dwq or dynamic")
+        return None
+    methods = recipe.parse_methods(args.calibrate)
+    given = [f for f, v in dwq_flags.items() if v is not None]
+    if given and "dwq" not in methods:
+        raise OpenELMError(f"{given[0]} is for --calibrate dwq")
+    d = recipe.dwq
+    seed = args.seed or 0
+    return recipe.Options(
+        methods=methods,
+        data=args.calibration_data,
+        seq_len=args.calibration_seq_len or recipe.SEQ_LEN,
+        samples=args.calibration_samples or recipe.SAMPLES,
+        target_bpw=args.target_bpw,
+        dwq=d.Options(args.dwq_steps or d.STEPS, args.dwq_batch_size or d.BATCH, args.dwq_lr or d.LEARNING_RATE, seed),
+        seed=seed,
+    )
+
+
+def _add_calibration_flags(p: argparse.ArgumentParser) -> None:
+    from .quant import dwq, recipe
+
+    g = p.add_argument_group("calibrated quantization (with -q)")
+    g.add_argument(
+        "--calibrate",
+        metavar="METHOD[,METHOD]",
+        help="gptq, dwq, dynamic, or a combination (run in the order dynamic, gptq, dwq), e.g. dynamic,gptq",
+    )
+    g.add_argument(
+        "--calibration-data",
+        metavar="FILE",
+        help='UTF-8 text or JSONL with a "text" field (default: a bundled excerpt of the KJV training text)',
+    )
+    n = _positive_int
+    g.add_argument("--calibration-seq-len", type=n("--calibration-seq-len"), help=f"tokens per row ({recipe.SEQ_LEN})")
+    g.add_argument(
+        "--calibration-samples",
+        type=n("--calibration-samples"),
+        help=f"most rows to calibrate on (default {recipe.SAMPLES}); a tenth more are held out",
+    )
+    g.add_argument(
+        "--target-bpw",
+        type=float,
+        help="dynamic: bits per weight to reach, scales and biases counted (4-bit g64 in float32 is 5.0)",
+    )
+    g.add_argument("--dwq-steps", type=n("--dwq-steps"), help=f"dwq: training steps (default {dwq.STEPS})")
+    g.add_argument("--dwq-batch-size", type=n("--dwq-batch-size"), help=f"dwq: rows per step (default {dwq.BATCH})")
+    g.add_argument("--dwq-lr", type=float, help=f"dwq: Adam learning rate (default {dwq.LEARNING_RATE:g})")
+    g.add_argument("--seed", type=int, help="seed for the row order (default 0): the same seed, the same output")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -579,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="replace an earlier output of openelm-mlx (or an empty folder) at --mlx-path; nothing else is replaced",
     )
+    _add_calibration_flags(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="compare a converted model with the float64 reference on its source weights")

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -145,7 +146,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def calibration(model_dir: str) -> dict | None:
+    """The recipe ``convert --calibrate`` recorded in the model's config.json, if any."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    meta = raw.get("openelm_mlx") if isinstance(raw, dict) else None
+    recipe = meta.get("calibration") if isinstance(meta, dict) else None
+    return recipe if isinstance(recipe, dict) else None
+
+
+def describe_calibration(recipe: dict) -> str:
+    methods = "+".join(map(str, recipe.get("methods", [])))
+    line = (
+        f"model: calibrated with {methods} on {recipe.get('data')} (sha256 {str(recipe.get('data_sha256'))[:12]}, "
+        f"{recipe.get('sequences')} x {recipe.get('seq_len')} tokens, seed {recipe.get('seed')}); "
+        f"KL on its held-out slice {recipe.get('held_out_kl')}, round-to-nearest "
+        f"{recipe.get('held_out_kl_round_to_nearest')}"
+    )
+    if isinstance(recipe.get("dynamic"), dict):
+        d = recipe["dynamic"]
+        line += f"; {d.get('bpw')} bits per weight {d.get('modules_per_width')}"
+    if isinstance(recipe.get("dwq"), dict):
+        d = recipe["dwq"]
+        line += f"; dwq {d.get('steps')} steps x {d.get('batch_size')} rows, lr {d.get('learning_rate')}"
+    return line
+
+
 def run(args: argparse.Namespace) -> int:
     report = compare_dirs(args.model, args.reference, args.text, args.context, args.tokenizer, progress=True)
-    print(json.dumps(asdict(report), indent=2) if args.json else report.format())
+    recipe = calibration(args.model)
+    if args.json:
+        print(json.dumps({**asdict(report), "calibration": recipe}, indent=2))
+    else:
+        print((describe_calibration(recipe) + "\n" if recipe else "") + report.format())
     return 0
