@@ -6,9 +6,10 @@ The 270M shape with random weights, float32 and 4-bit (``nn.quantize``, group 64
 32000-piece byte-fallback SentencePiece tokenizer trained on the bundled KJV text (the real
 OpenELM vocabulary's size); and the bundled model with its own 4096-piece tokenizer.  For batch
 1 and 8, the same prompts decode once free and once under a JSON Schema (an array of eight
-strings, long enough that no row ends before ``-g`` tokens), alternating, and the decode tok/s is the aggregate after every row has its first token (medians
-of ``-n`` runs).  Time to first token at batch 1: free, with a schema compiled for the first time
-(cold: a new schema text each run) and with one compiled before (cached).
+strings, long enough that no row ends before ``-g`` tokens), alternating; decode tok/s is the
+aggregate after every row has its first token (medians of ``-n`` runs).  Time to first token at
+batch 1: free, with a schema compiled for the first time (cold: a new schema text each run) and
+with one compiled before (cached).
 """
 
 from __future__ import annotations
