@@ -27,8 +27,8 @@ import numpy as np
 
 from openelm_mlx import OpenELM, OpenELMConfig, load
 from openelm_mlx.engine import Engine, GenParams
-from openelm_mlx.grammar import parse_response_format
-from openelm_mlx.grammar.bridge import llg_tokenizer
+from openelm_mlx.grammar import Matcher, compile_spec, fill_masks, parse_response_format
+from openelm_mlx.grammar.bridge import llg_tokenizer, token_bytes
 from openelm_mlx.tokenizer import Tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +81,33 @@ def decode_run(model, tok, prompts, spec, g: int) -> tuple[float, int]:
     return counted / (time.perf_counter() - start), counted
 
 
+def walk(m: Matcher, tok: Tokenizer, text: bytes) -> None:
+    """Advance ``m`` along ``text``, taking the longest allowed token that spells its next bytes."""
+    spelled = token_bytes(tok, 32000)
+    while text:
+        allowed = np.flatnonzero(m.mask())
+        best = max((i for i in allowed if spelled[i] and text.startswith(spelled[i])), key=lambda i: len(spelled[i]))
+        m.advance(int(best))
+        text = text[len(spelled[best]) :]
+
+
+def mask_cost(tok: Tokenizer, spec_text: dict) -> None:
+    """What the grammar adds to a decode step on the CPU: the masks of 1 and 8 rows inside a JSON
+    string, and the transfer of the [rows, vocab] boolean array to MLX (medians of 200)."""
+    spec = parse_response_format(spec_text, bare_schema=True)
+    compiled = compile_spec(spec, tok, 32000, tok.eos_id)
+    for rows in (1, 8):
+        matchers = [Matcher(spec, compiled, 32000) for _ in range(rows)]
+        for m in matchers:  # into a string, where most tokens are allowed: the costliest masks
+            walk(m, tok, b'["And God said')
+        times = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            mx.eval(mx.array(fill_masks(matchers, 32000)))
+            times.append(time.perf_counter() - t0)
+        print(f"masks of {rows} row(s) at 32000 pieces, to MLX: {statistics.median(times) * 1e3:.3f} ms", flush=True)
+
+
 def ttft(model, tok, prompt, spec) -> float:
     engine = Engine(model, tok, max_batch=1)
     t0 = time.perf_counter()
@@ -107,6 +134,7 @@ def main() -> None:
     llg_tokenizer(tok, 32000, tok.eos_id)
     print(f"tokenizer bridge: {tok.vocab_size} pieces, built once in {time.perf_counter() - t0:.2f} s", flush=True)
     lines = [line for line in lzma.open(KJV, "rt").read().splitlines() if line.strip()]
+    mask_cost(tok, spec_text=SCHEMA)
     spec = parse_response_format(SCHEMA, bare_schema=True)
     rows = [
         "| model | B | free decode tok/s | constrained decode tok/s | ratio | TTFT free | TTFT cold schema "
