@@ -4,11 +4,12 @@
 
 The 270M shape with random weights, float32 and 4-bit (``nn.quantize``, group 64), and a
 32000-piece byte-fallback SentencePiece tokenizer trained on the bundled KJV text (the real
-OpenELM vocabulary's size).  For batch 1 and 8, the same prompts decode once free and once under
-a JSON Schema (an array of eight strings, long enough that no row ends before ``-g`` tokens),
-alternating, and the decode tok/s is the aggregate after every row has its first token (medians
-of ``-n`` runs).  Time to first token at batch 1: free, with a schema compiled for the first time
-(cold: a new schema text each run) and with one compiled before (cached).
+OpenELM vocabulary's size); and the bundled model with its own 4096-piece tokenizer.  For batch
+1 and 8, the same prompts decode once free and once under a JSON Schema (an array of eight
+strings, long enough that no row ends before ``-g`` tokens), alternating; decode tok/s is the
+aggregate after every row has its first token (medians of ``-n`` runs).  Time to first token at
+batch 1: free, with a schema compiled for the first time (cold: a new schema text each run) and
+with one compiled before (cached).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from openelm_mlx import OpenELM, OpenELMConfig
+from openelm_mlx import OpenELM, OpenELMConfig, load
 from openelm_mlx.engine import Engine, GenParams
-from openelm_mlx.grammar import parse_response_format
-from openelm_mlx.grammar.bridge import llg_tokenizer
+from openelm_mlx.grammar import Matcher, compile_spec, fill_masks, parse_response_format
+from openelm_mlx.grammar.bridge import llg_tokenizer, token_bytes
 from openelm_mlx.tokenizer import Tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,33 @@ def decode_run(model, tok, prompts, spec, g: int) -> tuple[float, int]:
     return counted / (time.perf_counter() - start), counted
 
 
+def walk(m: Matcher, tok: Tokenizer, text: bytes) -> None:
+    """Advance ``m`` along ``text``, taking the longest allowed token that spells its next bytes."""
+    spelled = token_bytes(tok, 32000)
+    while text:
+        allowed = np.flatnonzero(m.mask())
+        best = max((i for i in allowed if spelled[i] and text.startswith(spelled[i])), key=lambda i: len(spelled[i]))
+        m.advance(int(best))
+        text = text[len(spelled[best]) :]
+
+
+def mask_cost(tok: Tokenizer, spec_text: dict) -> None:
+    """What the grammar adds to a decode step on the CPU: the masks of 1 and 8 rows inside a JSON
+    string, and the transfer of the [rows, vocab] boolean array to MLX (medians of 200)."""
+    spec = parse_response_format(spec_text, bare_schema=True)
+    compiled = compile_spec(spec, tok, 32000, tok.eos_id)
+    for rows in (1, 8):
+        matchers = [Matcher(spec, compiled, 32000) for _ in range(rows)]
+        for m in matchers:  # into a string, where most tokens are allowed: the costliest masks
+            walk(m, tok, b'["And God said')
+        times = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            mx.eval(mx.array(fill_masks(matchers, 32000)))
+            times.append(time.perf_counter() - t0)
+        print(f"masks of {rows} row(s) at 32000 pieces, to MLX: {statistics.median(times) * 1e3:.3f} ms", flush=True)
+
+
 def ttft(model, tok, prompt, spec) -> float:
     engine = Engine(model, tok, max_batch=1)
     t0 = time.perf_counter()
@@ -97,6 +125,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("-g", type=int, default=64, help="tokens generated per sequence")
     ap.add_argument("-p", type=int, default=32, help="prompt tokens per sequence")
+    ap.add_argument("--only", nargs="*", help="setups to run (default: all)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -105,7 +134,7 @@ def main() -> None:
     llg_tokenizer(tok, 32000, tok.eos_id)
     print(f"tokenizer bridge: {tok.vocab_size} pieces, built once in {time.perf_counter() - t0:.2f} s", flush=True)
     lines = [line for line in lzma.open(KJV, "rt").read().splitlines() if line.strip()]
-    ids = tok.encode(" ".join(lines[:400]))
+    mask_cost(tok, spec_text=SCHEMA)
     spec = parse_response_format(SCHEMA, bare_schema=True)
     rows = [
         "| model | B | free decode tok/s | constrained decode tok/s | ratio | TTFT free | TTFT cold schema "
@@ -113,10 +142,16 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     results = {}
-    for tag, bits in (("270M float32", None), ("270M 4-bit", 4)):
-        model = model_270m(bits)
+    bundled = (lambda: load()[0], load()[1])
+    setups = {"270M float32": (lambda: model_270m(None), tok), "270M 4-bit": (lambda: model_270m(4), tok)}
+    setups["bundled 4.7M float32"] = bundled  # the smallest step: where the mask's cost shows most
+    for tag, (make, tok) in setups.items():
+        if args.only and tag not in args.only:
+            continue
+        model = make()
+        text_ids = tok.encode(" ".join(lines[:400]))
         for b in args.batches:
-            prompts = [ids[i * args.p : (i + 1) * args.p] for i in range(b)]
+            prompts = [text_ids[i * args.p : (i + 1) * args.p] for i in range(b)]
             decode_run(model, tok, prompts, None, 8)  # warm-up: traces, BLAS, grammar cache
             decode_run(model, tok, prompts, spec, 8)
             free, cons = [], []

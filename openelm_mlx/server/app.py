@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from ..errors import OpenELMError
 from ..grammar import GrammarError, compile_spec
+from ..grammar.bridge import llg_tokenizer
 from .body import read_json
 from .guard import COMMON_HEADERS, Policy, header, page_headers
 from .metrics import Metrics
@@ -375,6 +376,14 @@ class Server:
         return FileResponse(index, media_type="text/html; charset=utf-8", headers=page_headers(index))
 
 
+def _warm_grammar(models: list[ServedModel]) -> None:
+    for m in models:
+        try:
+            llg_tokenizer(m.tokenizer, m.model.config.vocab_size, m.model.config.eos_token_id)
+        except Exception as e:  # a request with a response format will report it; serving goes on
+            log.warning("model %s: no structured output (%s)", m.name, e)
+
+
 def _code(message: str) -> str | None:
     return "context_length_exceeded" if "context" in message else None
 
@@ -483,6 +492,9 @@ def create_app(models: dict[str, ServedModel], worker: Worker, metrics: Metrics,
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         worker.start()
+        # The grammar's view of each tokenizer (0.2-1.6 s at 32000 pieces), built in the
+        # background now rather than by the first request with a response format.
+        asyncio.get_running_loop().run_in_executor(None, _warm_grammar, list(models.values()))
         try:
             yield
         finally:
