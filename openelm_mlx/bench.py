@@ -19,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import cpu
+from . import runtime
 from .blas import describe
 from .engine import Engine, GenParams
 from .generate import generate_tokens, peak_memory_gb
@@ -187,7 +187,7 @@ def bench(
         "batch": batch,
         "backend": str(mx.default_device()),
         "blas": describe(),
-        "matmul_routes": cpu.describe(),
+        "matmul_routes": runtime.of(ours).describe(),
         "decode_step": "compiled (mx.compile)" if uses_compiled_step(ours) else "eager",
         "runs": [asdict(r) for r in results],
         "median": summary,
