@@ -97,3 +97,18 @@ def download_file(repo_id: str, filename: str) -> Path:
 def looks_local_path(text: str) -> bool:
     """'models/typo' when ./models exists: a mistyped path, not a Hub repo."""
     return Path(text).expanduser().parent.is_dir() and Path(text).parent != Path(".")
+
+
+def tokenizer_option(option: str | Path) -> Path:
+    """``--tokenizer``: a tokenizer.model, a folder holding one, or a Hub repo id (the user's
+    choice, so no hash is checked; the hash check is for the fallback, llama2_tokenizer.py)."""
+    p = Path(option).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "tokenizer.model").is_file():
+            return p / "tokenizer.model"
+        raise OpenELMError(f"--tokenizer {option}: the folder holds no tokenizer.model")
+    if looks_like_repo_id(str(option)) and not looks_local_path(str(option)):
+        return download_file(str(option), "tokenizer.model")
+    raise OpenELMError(f"--tokenizer {option}: no such file, folder or Hub repo id")

@@ -63,16 +63,7 @@ def find_tokenizer(option: str | None, source: Source, log: Callable[[str], None
         except OpenELMError as e:
             log(f"warning: {e}")
             return None
-    p = Path(option).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():
-        if (p / "tokenizer.model").is_file():
-            return p / "tokenizer.model"
-        raise OpenELMError(f"--tokenizer {option}: the folder holds no tokenizer.model")
-    if hub.looks_like_repo_id(option):
-        return hub.download_file(option, "tokenizer.model")
-    raise OpenELMError(f"--tokenizer {option}: no such file, folder or Hub repo id")
+    return hub.tokenizer_option(option)
 
 
 def check_tokenizer(path: Path, vocab_size: int) -> None:

@@ -239,16 +239,7 @@ def find_tokenizer(option: str | Path | None, model_dir: Path, vocab_size: int) 
     from .convert import hub, llama2_tokenizer
 
     if option is not None:
-        p = Path(option).expanduser()
-        if p.is_file():
-            return p
-        if p.is_dir():
-            if (p / "tokenizer.model").is_file():
-                return p / "tokenizer.model"
-            raise OpenELMError(f"--tokenizer {option}: the folder holds no tokenizer.model")
-        if hub.looks_like_repo_id(str(option)) and not looks_local_path(str(option)):
-            return hub.download_file(str(option), "tokenizer.model")  # the user's choice: no hash to check
-        raise OpenELMError(f"--tokenizer {option}: no such file, folder or Hub repo id")
+        return hub.tokenizer_option(option)
     if (model_dir / "tokenizer.model").is_file():
         return model_dir / "tokenizer.model"
     if vocab_size == llama2_tokenizer.VOCAB_SIZE:

@@ -237,3 +237,14 @@ def running_server(models: dict, settings=None, **kw):
         server.stop()
         thread.join(30)
         assert not thread.is_alive()
+
+
+def openai_error(r, status: int, param: str | None = None) -> str:
+    """Assert ``r`` (an httpx response) is an OpenAI-shaped error with this status (and field);
+    its message."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert err["param"] == param
+    return err["message"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import openai_error
 from helpers import running_server as running
 
 from openelm_mlx.loading import load
@@ -46,22 +47,13 @@ def cors_url(models):
         yield u
 
 
-def error(r: httpx.Response, status: int, param: str | None = None) -> str:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if param is not None:
-        assert err["param"] == param
-    return err["message"]
-
-
 def test_foreign_host_is_refused_loopback_names_are_not(url):
     port = url.rsplit(":", 1)[1]
     # DNS rebinding: the attacker's name resolved to 127.0.0.1 reaches the socket with its own Host.
-    message = error(httpx.get(f"{url}/v1/models", headers={"Host": f"evil.example:{port}"}), 421, "Host")
+    message = openai_error(httpx.get(f"{url}/v1/models", headers={"Host": f"evil.example:{port}"}), 421, "Host")
     assert "evil.example" in message and "--allowed-hosts" in message
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60, headers={"Host": "evil.example"})
-    error(r, 421, "Host")
+    openai_error(r, 421, "Host")
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
         assert httpx.get(f"{url}/v1/models", headers={"Host": host}).status_code == 200, host
     # Every answer carries nosniff and no-referrer, refusals included.
@@ -72,7 +64,7 @@ def test_foreign_host_is_refused_loopback_names_are_not(url):
 def test_cross_site_requests_are_refused_same_origin_ones_are_not(url):
     host = url.split("://", 1)[1]
     evil = {"Origin": "https://evil.example"}
-    message = error(httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60, headers=evil), 403)
+    message = openai_error(httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60, headers=evil), 403)
     assert "evil.example" in message
     # The "simple" request a page may send with no preflight: text/plain, cross-site.
     simple = httpx.post(
@@ -80,10 +72,10 @@ def test_cross_site_requests_are_refused_same_origin_ones_are_not(url):
         content=b'{"model": "openelm-tiny-kjv", "messages": [{"role": "user", "content": "hi"}]}',
         headers={"Content-Type": "text/plain", "Origin": "https://evil.example"},
     )
-    error(simple, 403, "Origin")
+    openai_error(simple, 403, "Origin")
     # The same body, same-site but as text/plain: JSON endpoints want application/json.
     plain = httpx.post(f"{url}/v1/chat/completions", content=b"{}", headers={"Content-Type": "text/plain"})
-    assert "application/json" in error(plain, 415, "Content-Type")
+    assert "application/json" in openai_error(plain, 415, "Content-Type")
     # The chat page's own requests (its Origin is the server itself) pass, without CORS headers.
     r = httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=60, headers={"Origin": f"http://{host}"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
@@ -95,7 +87,7 @@ def test_cross_site_requests_are_refused_same_origin_ones_are_not(url):
 def test_named_hosts_and_origins_are_allowed_with_cors(cors_url):
     port = cors_url.rsplit(":", 1)[1]
     assert httpx.get(f"{cors_url}/v1/models", headers={"Host": f"openelm.internal:{port}"}).status_code == 200
-    error(httpx.get(f"{cors_url}/v1/models", headers={"Host": "other.internal"}), 421)
+    openai_error(httpx.get(f"{cors_url}/v1/models", headers={"Host": "other.internal"}), 421)
     origin = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     pre = httpx.options(f"{cors_url}/v1/chat/completions", headers=origin)
     assert pre.status_code == 204
@@ -104,7 +96,7 @@ def test_named_hosts_and_origins_are_allowed_with_cors(cors_url):
     r = httpx.post(f"{cors_url}/v1/chat/completions", json=CHAT, timeout=60, headers={"Origin": "https://app.example"})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
     r = httpx.post(f"{cors_url}/v1/chat/completions", json=CHAT, timeout=60, headers={"Origin": "https://b.example"})
-    error(r, 403)
+    openai_error(r, 403)
 
 
 def test_chunked_body_is_refused_at_the_limit_while_reading(url):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import openai_error
 from helpers import running_server as running
 
 from openelm_mlx.loading import load
@@ -86,15 +87,6 @@ def _status(s: socket.socket) -> bytes:
     return answer
 
 
-def _error(r: httpx.Response, status: int, param: str | None = None) -> str:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    if param is not None:
-        assert err["param"] == param
-    return err["message"]
-
-
 def test_bodies_that_were_500s_are_openai_shaped_4xx(served):
     url, tracebacks = served
     chat = {"model": NAME, "max_tokens": 2}
@@ -105,9 +97,11 @@ def test_bodies_that_were_500s_are_openai_shaped_4xx(served):
 
     # A lone surrogate, which SentencePiece refuses: the field is named.
     body = b'{"model": "%s", "messages": [{"role": "user", "content": "a\\ud800b"}]}' % NAME.encode()
-    assert "lone surrogate" in _error(post(body), 400, "messages[0].content")
-    _error(post(b'{"prompt": "x\\udfff"}', "/tokenize"), 400, "prompt")
-    _error(post(b'{"model": "%s", "prompt": ["ok", "\\udc00"]}' % NAME.encode(), "/v1/completions"), 400, "prompt[1]")
+    assert "lone surrogate" in openai_error(post(body), 400, "messages[0].content")
+    openai_error(post(b'{"prompt": "x\\udfff"}', "/tokenize"), 400, "prompt")
+    openai_error(
+        post(b'{"model": "%s", "prompt": ["ok", "\\udc00"]}' % NAME.encode(), "/v1/completions"), 400, "prompt[1]"
+    )
     # A surrogate pair is one valid character, not an error.
     ok = post(b'{"model": "%s", "max_tokens": 1, "prompt": "\\ud83d\\ude00"}' % NAME.encode(), "/v1/completions")
     assert ok.status_code == 200, ok.text
@@ -115,12 +109,12 @@ def test_bodies_that_were_500s_are_openai_shaped_4xx(served):
     huge = "9" * 400
     for field in ("max_tokens", "seed", "temperature", "top_p", "max_completion_tokens"):
         raw = f'{{"model": "{NAME}", "messages": [{{"role": "user", "content": "hi"}}], "{field}": {huge}}}'
-        message = _error(post(raw.encode()), 400, field)
+        message = openai_error(post(raw.encode()), 400, field)
         assert len(message) < 200, message
     # Roles that are not strings (unhashable ones were a TypeError).
     for role in (["user"], {"a": 1}, 7, None):
         r = httpx.post(f"{url}/v1/chat/completions", json={**chat, "messages": [{"role": role, "content": "x"}]})
-        _error(r, 400, "messages[0].role")
+        openai_error(r, 400, "messages[0].role")
     # A client that leaves mid-body.
     with socket.create_connection(_addr(url)) as s:
         s.sendall(
