@@ -248,3 +248,18 @@ def openai_error(r, status: int, param: str | None = None) -> str:
     if param is not None:
         assert err["param"] == param
     return err["message"]
+
+
+def response_head(sock) -> bytes:
+    """What a raw socket receives up to the end of the HTTP response head (or until the server
+    closes or resets the connection)."""
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return answer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import openai_error
+from helpers import openai_error, response_head
 from helpers import running_server as running
 
 from openelm_mlx.loading import load
@@ -72,19 +72,6 @@ def _five_hundreds(url: str) -> int:
 def _addr(url: str) -> tuple[str, int]:
     host, port = url.split("://", 1)[1].rsplit(":", 1)
     return host, int(port)
-
-
-def _status(s: socket.socket) -> bytes:
-    answer = b""
-    try:
-        while b"\r\n\r\n" not in answer:
-            data = s.recv(65536)
-            if not data:
-                break
-            answer += data
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return answer
 
 
 def test_bodies_that_were_500s_are_openai_shaped_4xx(served):
@@ -330,7 +317,7 @@ def test_512_mib_chunked_upload_is_stopped_at_the_limit_with_bounded_memory():
                     sent += len(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            answer = _status(s)
+            answer = response_head(s)
         after = _rss_mb(proc.pid)
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         assert sent < 64 * 2**20, f"the server read {sent / 2**20:.0f} MiB past an {MAX_BODY_BYTES >> 20} MiB limit"
