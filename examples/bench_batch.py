@@ -131,9 +131,23 @@ def ops_and_traces() -> None:
         mx.eval(tokens)
         decode = step.DecodeStep(model, compiled=True)
         logits = decode(tokens, batch, list(range(b)))
-        kind = "eager, no mask" if b == 1 else "compiled"
-        print(f"ops per decode step, B={b} ({kind}): {count_ops(logits)}", flush=True)
+        print(f"ops per decode step, B={b} (compiled): {count_ops(logits)}", flush=True)
         mx.eval(logits)
+    for b in (1, 8, 32):  # a whole engine round: the step, sampling, the next step's input
+        engine = Engine(model, max_batch=b)
+        for r in range(b):
+            engine.submit(rng.integers(3, 32000, 16 + r).tolist(), GenParams(max_tokens=8, ignore_eos=True))
+        while len(engine.running) < b:
+            engine.step()
+        engine.step()
+        engine.step()
+        real, mx.async_eval = mx.async_eval, lambda *a, **k: None  # keep the round's graph unevaluated
+        try:
+            engine.step()
+        finally:
+            mx.async_eval = real
+        print(f"ops per engine round (greedy), B={b}: {count_ops(engine._sampled)}", flush=True)
+        mx.eval(engine._sampled)
     lengths = [1, 600] + rng.integers(1, 601, 38).tolist()
     queue = [([1] + rng.integers(3, 32000, n - 1).tolist(), int(rng.integers(8, 64))) for n in lengths]
     engine = Engine(model, max_batch=16)

@@ -24,7 +24,7 @@ from .blas import describe
 from .engine import Engine, GenParams
 from .generate import generate_tokens, peak_memory_gb
 from .loading import load_model
-from .step import TRACES, uses_compiled_step
+from .step import TRACES, lone_decodes_eagerly
 
 
 @dataclass
@@ -188,7 +188,9 @@ def bench(
         "backend": str(mx.default_device()),
         "blas": describe(),
         "matmul_routes": runtime.of(ours).describe(),
-        "decode_step": "compiled (mx.compile)" if uses_compiled_step(ours) else "eager",
+        "decode_step": "compiled (mx.compile); a lone sequence eagerly (NumPy gemv)"
+        if lone_decodes_eagerly(ours)
+        else "compiled (mx.compile)",
         "runs": [asdict(r) for r in results],
         "median": summary,
         "ratio": None,

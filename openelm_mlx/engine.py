@@ -45,7 +45,7 @@ from .cache import BatchKVCache, KVCache
 from .errors import OpenELMError
 from .grammar import Matcher, OutputSpec, compile_spec, fill_masks, parse_response_format
 from .model import OpenELM
-from .sampling import SamplingOptions, make_sampler
+from .sampling import SamplingOptions, is_greedy, make_sampler
 from .step import decoder
 from .template import format_prompt
 from .tokenizer import Tokenizer
@@ -173,6 +173,10 @@ class _Sequence:
     export: bool = False  # whether its KV state goes back into ``cache`` (the caller's) at the end
     matcher: Matcher | None = None  # the grammar state (GenParams.constraint)
     matcher_ahead: bool = False  # the matcher already consumed the token ``_emit`` gets next
+    # ``last`` is ``fed[fed_slot]``: one entry of a decode step's array of next tokens (one per
+    # slot), which the next step takes whole as its input, and which goes to Python in one copy.
+    fed: mx.array | None = None
+    fed_slot: int = -1
 
 
 class Engine:
@@ -211,6 +215,7 @@ class Engine:
         self._cancelled: set[int] = set()
         self._kv_per_token = _kv_bytes_per_token(model)
         self._finite: mx.array | None = None  # whether the last decode step's logits were all finite
+        self._sampled: mx.array | None = None  # the last decode step's tokens by slot (``_feed``)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -336,40 +341,72 @@ class Engine:
         # A row whose pending token is its last one (max tokens) only emits it: nothing to feed.
         last_one = [s for s in self.running if s.fresh and s.generated + 1 >= s.params.max_tokens]
         rows = [s for s in self.running if s not in last_one]
+        slots = [s.slot for s in rows]  # as fed: a sequence finishing below may move the others
         nexts = self._feed(rows) if rows else []
+        host: dict[int, list[int]] = {}  # one copy to Python per array of sampled tokens
+
+        def token(s: _Sequence) -> int:
+            if s.fed is None:
+                return s.last.item()
+            if id(s.fed) not in host:
+                host[id(s.fed)] = s.fed.tolist()
+            return host[id(s.fed)][s.fed_slot]
+
         out = []
         for s in last_one:
-            out.append(self._emit(s, s.last.item(), s.last_lp))
-        for s, (y, lp) in zip(rows, nexts, strict=True):
+            out.append(self._emit(s, token(s), s.last_lp))
+        for s, slot, (y, lp) in zip(rows, slots, nexts, strict=True):
             if s.fresh:
-                o = self._emit(s, s.last.item(), s.last_lp)
+                o = self._emit(s, token(s), s.last_lp)
                 if o is not None:
                     out.append(o)
             if s.finished is None:
                 s.last, s.fresh, s.last_lp = y, True, lp
+                s.fed, s.fed_slot = self._sampled, slot
         return out
 
-    def _feed(self, rows: list[_Sequence]) -> list[tuple]:
-        """Queue one decode step over ``rows``; their next tokens (lazy) and log-probabilities."""
-        # One token per slot: free slots and prompts still prefilling take a padding token.
+    def _tokens(self, rows: list[_Sequence]) -> mx.array:
+        """The step's input, one token per slot: the previous step's array of sampled tokens as it
+        is when every row's token is in it at its slot (no op per row); else gathered per row,
+        free slots and prompts still prefilling taking a padding token."""
+        fed = rows[0].fed
+        if fed is not None and fed.shape[0] == self.batch.slots:
+            if all(s.fed is fed and s.fed_slot == s.slot for s in rows):
+                return fed[:, None]
         by_slot = {s.slot: s.last.reshape(1, 1).astype(mx.uint32) for s in rows}
         pad = mx.zeros((1, 1), dtype=mx.uint32)
         parts = [by_slot.get(i, pad) for i in range(self.batch.slots)]
-        tokens = mx.concatenate(parts) if len(parts) > 1 else parts[0]
-        logits = self.decode(tokens, self.batch, [s.slot for s in rows])[:, -1]
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _feed(self, rows: list[_Sequence]) -> list[tuple]:
+        """Queue one decode step over ``rows``; their next tokens (lazy) and log-probabilities.
+
+        Rows decoding greedily with nothing else to apply (no penalties, bias, grammar or
+        log-probabilities) share one argmax over every slot; each other row samples on its own
+        and its token is written into that array, which becomes the next step's input."""
+        logits = self.decode(self._tokens(rows), self.batch, [s.slot for s in rows])[:, -1]
         self._finite = mx.isfinite(logits).all()
         allowed = self._grammar_masks(rows, logits)
-        nexts = []
+        plain = [_plain_greedy(s) for s in rows]
+        sampled = mx.argmax(logits, axis=-1).astype(mx.uint32) if any(plain) else None
+        nexts: list[tuple] = []
         for i, s in enumerate(rows):
+            if plain[i]:
+                nexts.append((None, None))
+                continue
             if s.context is not None:
                 s.context = mx.concatenate([s.context, s.last.reshape(1).astype(mx.uint32)])
             if s.counts is not None and s.generated > 0:  # ``last`` is a generated token (not the prompt's last)
                 s.counts = s.counts.at[s.last.reshape(1)].add(1.0)
             y, lp = self._sample(s, logits[s.slot], s.context, s.counts, allowed.get(i))
+            if sampled is not None:
+                sampled[s.slot] = y.astype(mx.uint32)
             nexts.append((y, lp))
-        mx.async_eval(
-            [self._finite] + [y for y, _ in nexts] + [a for _, lp in nexts if lp for a in lp if a is not None]
-        )
+        if sampled is not None:  # slices are views, computed only if a row's token is fetched alone
+            nexts = [(sampled[s.slot], None) if plain[i] else nexts[i] for i, s in enumerate(rows)]
+        self._sampled = sampled
+        lazy = [sampled] if sampled is not None else [y for y, _ in nexts]
+        mx.async_eval([self._finite, *lazy] + [a for _, lp in nexts if lp for a in lp if a is not None])
         return nexts
 
     def _check_finite(self, logits: mx.array | None = None) -> None:
@@ -436,7 +473,7 @@ class Engine:
         y, lp = self._sample(s, logits, s.context, s.counts, allowed)
         o = self._emit(s, y.item(), lp)
         if s.finished is None:
-            s.last, s.fresh, s.last_lp = y, False, None
+            s.last, s.fresh, s.last_lp, s.fed = y, False, None, None
             self.running.append(s)
         return [o] if o is not None else []
 
@@ -550,7 +587,7 @@ class Engine:
 
     def _after_speculation(self, s: _Sequence) -> None:
         # The cache holds every token but the last; a batched round (when others join) feeds it.
-        s.last, s.fresh, s.last_lp = mx.array(s.history[-1]), False, None
+        s.last, s.fresh, s.last_lp, s.fed = mx.array(s.history[-1]), False, None, None
         s.context = mx.array(s.history[:-1], dtype=mx.uint32) if _tracks_context(s) else None
         if s.counts is not None:
             generated = s.history[len(s.history) - s.generated :] if s.generated else []
@@ -633,6 +670,19 @@ def prefill(model: OpenELM, ids: list[int], cache: list[KVCache]) -> mx.array | 
         logits = model.infer(mx.array([ids[start : start + PREFILL_CHUNK]]), cache=cache, last_only=True)[0, -1]
         mx.eval(logits)
     return logits
+
+
+def _plain_greedy(s: _Sequence) -> bool:
+    """Whether the row's next token is its logits' argmax with nothing else to compute."""
+    p = s.params
+    return (
+        is_greedy(p.sampling)
+        and p.sampling.repetition_penalty == 1.0
+        and p.logprobs is None
+        and s.bias is None
+        and s.counts is None
+        and s.matcher is None
+    )
 
 
 def _tracks_context(s: _Sequence) -> bool:

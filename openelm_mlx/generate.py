@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import KVCache
-from .engine import Engine, GenParams, encode_prompt
+from .engine import Engine, GenParams, encode_prompt, params_from_options
 from .errors import OpenELMError
-from .grammar import OutputSpec, parse_response_format
+from .grammar import OutputSpec
 from .model import OpenELM
 from .sampling import SamplingOptions
 from .tokenizer import Tokenizer
@@ -164,15 +164,19 @@ def stream_generate(
     ids = encode_prompt(model, tokenizer, prompt, system_prompt=system_prompt, chat_template=chat_template)
     if max_tokens < 1:
         raise OpenELMError(f"--max-tokens {max_tokens}: must be at least 1")
-    params = GenParams(
+    params = params_from_options(
         max_tokens=max_tokens,
-        sampling=SamplingOptions(temp, top_p, top_k, min_p, repetition_penalty),
+        temp=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        response_format=response_format,
         seed=seed,
         stop=tuple(stop),
         logprobs=logprobs,
         prompt_lookup=prompt_lookup if draft_model is None else 0,
         num_draft_tokens=num_draft_tokens,
-        constraint=parse_response_format(response_format, bare_schema=True),
     )
     stats = DecodeStats()
     for o in run_one(model, ids, params, tokenizer=tokenizer, draft_model=draft_model, stats=stats):

@@ -6,8 +6,9 @@ A runtime fixes:
 - the matmul plug-in the model's layers call (``model.MLXRoutes``: every matmul in MLX; the CPU
   runtime's ``cpu.CPURoutes``: NumPy's gemv/gemm and the two-stream quantized matmul where they
   were measured faster, cpu.py);
-- whether the decode step is compiled (step.py): always on a GPU; on the CPU unless the model's
-  float32 matmuls take NumPy's routes, which cannot be traced (``cpu.numpy_decoding``);
+- which decode steps are compiled (step.py): all of them, except on the CPU runtime a lone
+  sequence of a float32 model whose matmuls take NumPy's gemv, which cannot be traced
+  (``cpu.numpy_decoding``);
 - the memory policy: on Metal the weights are wired (``mx.set_wired_limit`` to the device's
   recommended working set, as mlx_lm does, so a large model's pages are not evicted between
   steps); a cap on MLX's buffer cache; ``clear_cache`` after a long prefill and when a server
@@ -45,21 +46,21 @@ CACHE_LIMIT_FRACTION = 0.25
 class Runtime:
     name: str  # "metal", "cuda", "cpu" or "gpu-path"
     routes: type  # the matmul plug-in: model.MLXRoutes or cpu.CPURoutes
-    always_compiled: bool  # the decode step is compiled whatever the weights
 
     @property
     def gpu_code(self) -> bool:
         """Whether this runs the GPU runtime's code (on a GPU, or gpu-path on the CPU)."""
         return self.routes is MLXRoutes
 
-    def compiled_for(self, model: OpenELM) -> bool:
-        """Whether ``model``'s decode step is compiled (step.py)."""
-        if self.always_compiled:
-            return True
+    def numpy_gemv_for(self, model: OpenELM) -> bool:
+        """Whether a lone sequence of ``model`` decodes eagerly through NumPy's gemv (step.py):
+        only on the CPU runtime, for float32 models with large layers (``cpu.numpy_decoding``)."""
+        if self.gpu_code:
+            return False
         embedding = model.transformer.token_embeddings
         if embedding.weight.dtype != mx.float32 or "scales" in embedding:
-            return True
-        return not cpu.numpy_decoding(model.weight_bytes // len(model.layers))
+            return False
+        return cpu.numpy_decoding(model.weight_bytes // len(model.layers))
 
     def describe(self) -> str:
         if self.routes is MLXRoutes:
@@ -79,10 +80,10 @@ def select() -> Runtime:
     wanted = choice()
     if mx.default_device() != mx.cpu:
         name = "metal" if mx.metal.is_available() else "cuda"
-        return Runtime(name, MLXRoutes, always_compiled=True)
+        return Runtime(name, MLXRoutes)
     if wanted == "gpu-path":
-        return Runtime("gpu-path", MLXRoutes, always_compiled=True)
-    return Runtime("cpu", cpu.CPURoutes, always_compiled=False)
+        return Runtime("gpu-path", MLXRoutes)
+    return Runtime("cpu", cpu.CPURoutes)
 
 
 def prepare(model: OpenELM, runtime: Runtime | None = None) -> Runtime:

@@ -84,6 +84,11 @@ def filter_logits(logits: mx.array, opts: SamplingOptions) -> mx.array:
     return logprobs
 
 
+def is_greedy(opts: SamplingOptions) -> bool:
+    """Whether sampling with ``opts`` degenerates to argmax (GREEDY_TEMP, GREEDY_TOP_P)."""
+    return opts.temp < GREEDY_TEMP or opts.top_p < GREEDY_TOP_P
+
+
 def make_sampler(opts: SamplingOptions, seed: int | None = None) -> Callable[[mx.array, mx.array], mx.array]:
     """``sample(logits[V], context_ids) -> token id`` (an mx scalar, still lazy).
 
@@ -92,7 +97,7 @@ def make_sampler(opts: SamplingOptions, seed: int | None = None) -> Callable[[mx
     """
     check_seed(seed)
     key = [mx.random.key(seed)] if seed is not None else None
-    greedy = opts.temp < GREEDY_TEMP or opts.top_p < GREEDY_TOP_P
+    greedy = is_greedy(opts)
 
     def sample(logits: mx.array, context: mx.array) -> mx.array:
         logits = apply_repetition_penalty(logits.astype(mx.float32), context, opts.repetition_penalty)

@@ -11,9 +11,15 @@ positions (``cache.capacity_bucket``), and the step
 is traced at most once per (slots, capacity) bucket it meets.  ``TRACES`` counts the traces and
 the time they took (``/metrics``, ``bench --batch``).
 
-A batch of one slot runs eagerly (its keys end at its last position: no mask, no wasted span),
-and so does every step of a model whose matmuls leave MLX (cpu.py's NumPy routes, taken by
-float32 models with large layers on the CPU, ``cpu.numpy_decoding``: faster there, not traceable).
+Every step goes through the compiled function, a batch of one slot included (its mask hides the
+positions past its offset): compiled, the bundled model decoded one sequence at 131 against 100
+tok/s eagerly on the GPU path here (examples/bench_decode_step.py), and on a GPU the compiled step is
+about half the kernels.  One exception, the CPU runtime's: a lone sequence of a float32 model
+whose layers are large enough for NumPy's gemv to beat MLX's sgemm (``cpu.numpy_decoding``: the
+270M shape, 1.74x mlx_lm at one sequence) decodes eagerly, since those matmuls leave MLX and
+cannot be traced; with no padding to hide it passes no mask.  Two slots or more always take the
+compiled step: NumPy's gemm beside MLX's own BLAS pool stalled the eager step (270M, 4 rows:
+15.8 against 22.3 tok/s compiled; 8 rows: 4.0 against 39.2, medians of 3 alternating runs).
 """
 
 from __future__ import annotations
@@ -50,8 +56,10 @@ class DecodeStep:
     slot of ``batch`` (free slots and slots still prefilling take a padding token, and their
     results are dropped); the slots listed in ``decoding`` advance by one position."""
 
-    def __init__(self, model: OpenELM, compiled: bool):
-        self.model, self.compiled = model, compiled
+    def __init__(self, model: OpenELM, compiled: bool = True, eager_lone: bool = False):
+        # compiled=False: every step eager (the op-count tests' reference); eager_lone: a batch of
+        # one slot eager (the CPU runtime's NumPy gemv, above).
+        self.model, self.compiled, self.eager_lone = model, compiled, eager_lone
         self.dtype = activation_dtype(model)
         self.traces = 0
         self.buckets: set[tuple[int, int]] = set()  # (slots, capacity) shapes the compiled step met
@@ -67,7 +75,7 @@ class DecodeStep:
 
     def __call__(self, tokens: mx.array, batch: BatchKVCache, decoding: list[int]) -> mx.array:
         every = list(range(batch.slots))
-        if self._step is None or batch.slots == 1:
+        if self._step is None or (self.eager_lone and batch.slots == 1):
             logits = self.model.infer(tokens, cache=batch.rows(every, 1, self.dtype))
         else:
             batch.rows(every, 1, self.dtype)  # allocates and reserves the position
@@ -91,10 +99,10 @@ def decoder(model: OpenELM) -> DecodeStep:
     engine to the next."""
     step = getattr(model, "_decode_step", None)
     if step is None:
-        step = model._decode_step = DecodeStep(model, uses_compiled_step(model))
+        step = model._decode_step = DecodeStep(model, eager_lone=lone_decodes_eagerly(model))
     return step
 
 
-def uses_compiled_step(model: OpenELM) -> bool:
-    """Whether decoding ``model`` goes through the compiled step: its runtime's choice."""
-    return runtime.of(model).compiled_for(model)
+def lone_decodes_eagerly(model: OpenELM) -> bool:
+    """Whether a lone sequence of ``model`` decodes eagerly (NumPy's gemv): its runtime's choice."""
+    return runtime.of(model).numpy_gemv_for(model)

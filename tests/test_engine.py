@@ -354,3 +354,61 @@ def test_non_finite_logits_in_a_decode_step_end_generation(monkeypatch):
         while engine.has_work():
             engine.step()
     assert len(calls) == 3
+
+
+def test_rows_with_different_parameters_in_one_batch_equal_each_alone(routes):
+    # Plain greedy rows share one argmax over the step's logits; rows with penalties, bias,
+    # log-probabilities or a sampler draw on their own and their tokens join that array: each
+    # still yields what it yields alone, through joins and leaves.
+    model = small_model()
+    prompts = prompts_of_many_lengths(model.config.vocab_size, 20)
+    shunned = run_alone(model, prompts[3], GenParams(max_tokens=1))[0]
+    kinds = [
+        GenParams(max_tokens=20, ignore_eos=True),
+        GenParams(max_tokens=20, ignore_eos=True, logprobs=2),
+        GenParams(max_tokens=20, ignore_eos=True, frequency_penalty=1e4),
+        GenParams(max_tokens=20, ignore_eos=True, logit_bias={shunned: -50.0}),
+        GenParams(max_tokens=20, ignore_eos=True, sampling=SamplingOptions(temp=0.8), seed=5),
+        GenParams(max_tokens=20, ignore_eos=True, sampling=SamplingOptions(repetition_penalty=5.0)),
+    ]
+    alone = [run_alone(model, p, q) for p, q in zip(prompts, kinds, strict=True)]
+    for i in (2, 3, 4, 5):  # each of these parameters does change the output of its prompt
+        assert alone[i] != run_alone(model, prompts[i], kinds[0]), i
+    engine = Engine(model, max_batch=8, prefill_chunk=64)
+    ids = {}
+    for i in (0, 4, 1):
+        ids[engine.submit(prompts[i], kinds[i])] = i
+    later = [2, 5, 3]
+    got = {i: [] for i in range(len(prompts))}
+    while engine.has_work() or later:
+        if later:
+            i = later.pop(0)
+            ids[engine.submit(prompts[i], kinds[i])] = i
+        for o in engine.step():
+            got[ids[o.seq_id]] += o.tokens
+    assert [got[i] for i in range(len(prompts))] == alone
+
+
+def test_a_greedy_decode_round_has_as_many_ops_at_16_rows_as_at_2(monkeypatch, tmp_path):
+    # The step's input is the previous step's array of tokens, sampling one argmax over every
+    # slot: the graph of a round (forward and sampling) does not grow with the batch.
+    monkeypatch.setenv(cpu.ENV, "mlx")
+    cpu.numpy_routes.cache_clear()
+    model = small_model()
+    counts = {}
+    for b in (2, 16):
+        engine = Engine(model, max_batch=b)
+        for r in range(b):
+            engine.submit([1, 5 + r, 9, 4], GenParams(max_tokens=8, ignore_eos=True))
+        while len(engine.running) < b:
+            engine.step()
+        engine.step()
+        engine.step()  # now every row's token is in the previous step's array
+        with monkeypatch.context() as m:
+            m.setattr(mx, "async_eval", lambda *a, **k: None)  # leave the round's graph unevaluated
+            engine.step()
+            path = tmp_path / f"round{b}.dot"
+            mx.export_to_dot(str(path), engine._sampled)
+        counts[b] = path.read_text().count("shape=rectangle")
+    cpu.numpy_routes.cache_clear()
+    assert counts[2] == counts[16], counts

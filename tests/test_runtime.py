@@ -34,10 +34,10 @@ def test_gpu_path_swaps_in_mlx_routes_and_matches_the_cpu_runtime(monkeypatch):
     rng = np.random.default_rng(8)
     prompts = [[1] + rng.integers(3, 300, n).tolist() for n in (3, 17, 40)]
     on_cpu = built(monkeypatch, "cpu")
-    assert on_cpu.runtime.name == "cpu" and not step.uses_compiled_step(on_cpu)
+    assert on_cpu.runtime.name == "cpu" and step.lone_decodes_eagerly(on_cpu)
     assert all(m.routes is cpu.CPURoutes for m in on_cpu.modules() if hasattr(m, "routes"))
     gpu_path = built(monkeypatch, "gpu-path")
-    assert gpu_path.runtime.name == "gpu-path" and step.uses_compiled_step(gpu_path)
+    assert gpu_path.runtime.name == "gpu-path" and not step.lone_decodes_eagerly(gpu_path)
     assert all(m.routes is MLXRoutes for m in gpu_path.modules() if hasattr(m, "routes"))
     calls = []
     real = cpu._np_matmul_t

@@ -90,36 +90,65 @@ def test_quantized_compiled_step_equals_eager():
         assert rel_err(got, np.concatenate(b, 1).astype(np.float64)) < TOL
 
 
-def test_which_models_decode_compiled(monkeypatch):
+def test_which_models_decode_a_lone_sequence_eagerly(monkeypatch):
+    # Only a float32 model on the CPU runtime's NumPy gemv; bfloat16, quantized and MLX-routed
+    # models take the compiled step for every batch size.
     config = small_config("tied")
     float32 = build_model(config, random_weights(config))
     monkeypatch.setenv(cpu.ENV, "numpy")
     cpu.numpy_routes.cache_clear()
-    assert not step.uses_compiled_step(float32)  # NumPy's gemv, eagerly
-    assert step.uses_compiled_step(build_model(config, random_weights(config), dtype=mx.bfloat16))
+    assert step.lone_decodes_eagerly(float32)  # NumPy's gemv, eagerly
+    assert not step.lone_decodes_eagerly(build_model(config, random_weights(config), dtype=mx.bfloat16))
     quantized = build_model(config, random_weights(config))
     nn.quantize(quantized, group_size=32, bits=4)
-    assert step.uses_compiled_step(quantized)
+    assert not step.lone_decodes_eagerly(quantized)
     monkeypatch.setenv(cpu.ENV, "mlx")
     cpu.numpy_routes.cache_clear()
-    assert step.uses_compiled_step(float32)
+    assert not step.lone_decodes_eagerly(float32)
     cpu.numpy_routes.cache_clear()
 
 
 def test_float32_decoding_route_follows_layer_size(monkeypatch):
     # Automatic choice: a small float32 model decodes in the compiled step (per-op cost dominates),
-    # one with large layers through NumPy's gemv (sgemm's repacking dominates).
+    # one with large layers through NumPy's gemv when alone (sgemm's repacking dominates).
     monkeypatch.delenv(cpu.ENV, raising=False)
     monkeypatch.setattr(cpu, "numpy_routes", lambda: (True, False))
     config = small_config("tied")
     model = build_model(config, random_weights(config))
     layer_bytes = model.weight_bytes // config.num_transformer_layers
-    assert layer_bytes < cpu.NUMPY_DECODE_MIN_LAYER_BYTES and step.uses_compiled_step(model)
+    assert layer_bytes < cpu.NUMPY_DECODE_MIN_LAYER_BYTES and not step.lone_decodes_eagerly(model)
     monkeypatch.setattr(cpu, "NUMPY_DECODE_MIN_LAYER_BYTES", layer_bytes)
-    assert not step.uses_compiled_step(model)
+    assert step.lone_decodes_eagerly(model)
     assert f"from {layer_bytes / 1e6:.0f} MB of weights per layer" in cpu.describe()
     monkeypatch.setattr(cpu, "numpy_routes", lambda: (False, False))  # e.g. macOS: no NumPy route at all
-    assert step.uses_compiled_step(model)
+    assert not step.lone_decodes_eagerly(model)
+
+
+def test_several_slots_decode_compiled_even_where_one_decodes_eagerly(monkeypatch):
+    # The CPU runtime's NumPy gemv serves a lone sequence; a batch goes through the compiled step
+    # (no NumPy matmul inside it) and gives the same logits as each row's eager step.
+    monkeypatch.setenv(cpu.ENV, "numpy")
+    cpu.numpy_routes.cache_clear()
+    config = small_config("untied")
+    model = build_model(config, random_weights(config, seed=4))
+    calls = []
+    real = cpu._np_matmul_t
+    monkeypatch.setattr(cpu, "_np_matmul_t", lambda x, w: calls.append(x.shape[0]) or real(x, w))
+    tokens = np.random.default_rng(4).integers(0, config.vocab_size, (2, 9))
+    decode = step.DecodeStep(model, eager_lone=True)
+    lone = batch_for(model, 1)
+    prefill_slots(model, lone, [tokens[0, :8].tolist()])
+    calls.clear()
+    alone = np.array(decode(mx.array(tokens[:1, 8:9], dtype=mx.uint32), lone, [0]))
+    assert calls and set(calls) == {1} and decode.traces == 0  # gemv, eagerly
+    both = batch_for(model, 2)
+    prefill_slots(model, both, [tokens[0, :8].tolist(), tokens[1, :5].tolist()])
+    calls.clear()
+    fed = mx.array([[int(tokens[0, 8])], [int(tokens[1, 5])]], dtype=mx.uint32)
+    together = np.array(decode(fed, both, [0, 1]))
+    assert not calls and decode.traces == 1
+    assert rel_err(together[:1], alone.astype(np.float64)) < TOL
+    cpu.numpy_routes.cache_clear()
 
 
 def test_generation_continues_a_cache_through_decode_steps(mlx_routes, monkeypatch):
@@ -169,7 +198,9 @@ def test_ops_per_decode_step_do_not_grow_with_the_batch(mlx_routes, tmp_path):
     assert eager[16] == eager[32], eager
 
 
-def test_a_batch_of_one_passes_no_mask(mlx_routes):
+def test_masks_of_one_slot(mlx_routes):
+    # Eagerly (the CPU runtime's gemv) a lone slot's keys end at its last position: no mask.
+    # In the compiled step it attends over its capacity bucket, masked past its offset.
     config = small_config("tied")
     model = build_model(config, random_weights(config))
     batch = batch_for(model, 1)
@@ -181,6 +212,15 @@ def test_a_batch_of_one_passes_no_mask(mlx_routes):
     prefill_slots(model, two, [[1, 5, 9], [1, 5]])
     assert two.rows([0, 1], 1, mx.float32)[0].mask(1).shape == (2, 1, 1, 4)
     assert KVCache.mask(1) is None
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, 12)
+    one = batch_for(model, 1)
+    prefill_slots(model, one, [tokens[:10].tolist()])
+    one.trim(0, 4)  # positions 6..9 stale in the buffer: the mask must hide them
+    decode = step.DecodeStep(model)
+    got = np.array(decode(mx.array([[int(tokens[6])]], dtype=mx.uint32), one, [0]))
+    assert decode.traces == 1 and one.offsets == [7]
+    expected = np.array(model(mx.array(tokens[None, :7])))[:, -1:]
+    assert rel_err(got, expected.astype(np.float64)) < TOL
 
 
 def test_staggered_load_traces_at_most_once_per_bucket(mlx_routes):
@@ -196,7 +236,7 @@ def test_staggered_load_traces_at_most_once_per_bucket(mlx_routes):
     queue = [([1] + rng.integers(3, 300, n - 1).tolist(), int(rng.integers(4, 40))) for n in lengths]
     engine = Engine(model, max_batch=16, prefill_chunk=256)
     decode = engine.decode
-    assert decode.compiled
+    assert decode.compiled and not decode.eager_lone
     rounds = 0
     while queue or engine.has_work():
         for _ in range(int(rng.integers(0, 3))):
