@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import build_model, random_weights, rel_err, small_config
 
-from openelm_mlx import cpu, step
+from openelm_mlx import cpu, runtime, step
 from openelm_mlx.cache import BatchKVCache, KVCache
 from openelm_mlx.generate import generate_tokens
 
@@ -93,6 +93,7 @@ def test_quantized_compiled_step_equals_eager():
 def test_which_models_decode_a_lone_sequence_eagerly(monkeypatch):
     # Only a float32 model on the CPU runtime's NumPy gemv; bfloat16, quantized and MLX-routed
     # models take the compiled step for every batch size.
+    monkeypatch.setenv(runtime.ENV, "cpu")  # the CPU runtime's choice, whatever this run forces
     config = small_config("tied")
     float32 = build_model(config, random_weights(config))
     monkeypatch.setenv(cpu.ENV, "numpy")
@@ -111,6 +112,7 @@ def test_which_models_decode_a_lone_sequence_eagerly(monkeypatch):
 def test_float32_decoding_route_follows_layer_size(monkeypatch):
     # Automatic choice: a small float32 model decodes in the compiled step (per-op cost dominates),
     # one with large layers through NumPy's gemv when alone (sgemm's repacking dominates).
+    monkeypatch.setenv(runtime.ENV, "cpu")  # the CPU runtime's choice, whatever this run forces
     monkeypatch.delenv(cpu.ENV, raising=False)
     monkeypatch.setattr(cpu, "numpy_routes", lambda: (True, False))
     config = small_config("tied")
@@ -127,6 +129,7 @@ def test_float32_decoding_route_follows_layer_size(monkeypatch):
 def test_several_slots_decode_compiled_even_where_one_decodes_eagerly(monkeypatch):
     # The CPU runtime's NumPy gemv serves a lone sequence; a batch goes through the compiled step
     # (no NumPy matmul inside it) and gives the same logits as each row's eager step.
+    monkeypatch.setenv(runtime.ENV, "cpu")  # the CPU runtime's choice, whatever this run forces
     monkeypatch.setenv(cpu.ENV, "numpy")
     cpu.numpy_routes.cache_clear()
     config = small_config("untied")
