@@ -7,19 +7,20 @@ kv_heads, capacity, head_dim]``; the step writes each row's key and value at its
 (one scatter per layer) and attends over the whole capacity under a mask of the positions each
 row has written.  So the shapes change only when the buffer does: its slots are bucketed (1, 2,
 4, 8 ... ``cache.slot_bucket``) and its capacity grows through 64, 128, then steps of 256
-positions (``cache.capacity_bucket``), and the step
-is traced at most once per (slots, capacity) bucket it meets.  ``TRACES`` counts the traces and
+positions (``cache.capacity_bucket``), and the step is traced at most once per (slots,
+capacity) bucket it meets.  ``TRACES`` counts the traces and
 the time they took (``/metrics``, ``bench --batch``).
 
 Every step goes through the compiled function, a batch of one slot included (its mask hides the
 positions past its offset): compiled, the bundled model decoded one sequence at 131 against 100
-tok/s eagerly on the GPU path here (examples/bench_decode_step.py), and on a GPU the compiled step is
-about half the kernels.  One exception, the CPU runtime's: a lone sequence of a float32 model
-whose layers are large enough for NumPy's gemv to beat MLX's sgemm (``cpu.numpy_decoding``: the
-270M shape, 1.74x mlx_lm at one sequence) decodes eagerly, since those matmuls leave MLX and
-cannot be traced; with no padding to hide it passes no mask.  Two slots or more always take the
-compiled step: NumPy's gemm beside MLX's own BLAS pool stalled the eager step (270M, 4 rows:
-15.8 against 22.3 tok/s compiled; 8 rows: 4.0 against 39.2, medians of 3 alternating runs).
+tok/s eagerly on the GPU path here (examples/bench_decode_step.py), and on a GPU the compiled
+step is about half the kernels (270M: 1230 ops against 2294 eagerly, bench_batch.py --ops).
+One exception, the CPU runtime's: a lone sequence of a float32 model whose layers are large
+enough for NumPy's gemv to beat MLX's sgemm (``cpu.numpy_decoding``: the 270M shape, 1.74x
+mlx_lm at one sequence) decodes eagerly, since those matmuls leave MLX and cannot be traced;
+with no padding to hide it passes no mask.  Two slots or more always take the compiled step:
+NumPy's gemm beside MLX's own BLAS pool stalled the eager step (270M, 4 rows: 15.8 against 22.3
+tok/s compiled; 8 rows: 4.0 against 39.2, medians of 3 alternating runs).
 """
 
 from __future__ import annotations

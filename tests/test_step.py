@@ -194,8 +194,9 @@ def decode_graph(model, slots: int, compiled: bool) -> mx.array:
 def test_ops_per_decode_step_do_not_grow_with_the_batch(mlx_routes, tmp_path):
     config = small_config("untied")
     model = build_model(config, random_weights(config))
-    compiled = {b: count_ops(tmp_path, decode_graph(model, b, True)) for b in (2, 16, 32)}
+    compiled = {b: count_ops(tmp_path, decode_graph(model, b, True)) for b in (1, 2, 16, 32)}
     assert compiled[2] == compiled[16] == compiled[32], compiled
+    assert abs(compiled[1] - compiled[2]) <= 1, compiled  # one slot: MLX fuses one size-1 broadcast differently
     # Eagerly (cpu.py pads a CPU matmul's rows to 16: 16 and 32 rows add no padding ops).
     eager = {b: count_ops(tmp_path, decode_graph(model, b, False)) for b in (16, 32)}
     assert eager[16] == eager[32], eager
