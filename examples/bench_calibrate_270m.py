@@ -64,7 +64,7 @@ def main() -> None:
             dwq=dwq.Options(steps=args.dwq_steps),
         )
         t0 = time.perf_counter()
-        recipe.calibrate(model, tok, modules, opts, log=lambda s: print("  " + s, flush=True))
+        r = recipe.calibrate(model, tok, modules, opts, log=lambda s: print("  " + s, flush=True)).recipe
         seconds = time.perf_counter() - t0
         peak = mx.get_peak_memory() / 1e9
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -75,6 +75,8 @@ def main() -> None:
         else:
             scaled = "sensitivity work does not depend on --samples"
         print(f"{method}: {seconds:.0f} s, MLX peak {peak:.2f} GB, process max RSS {rss:.2f} GB ({scaled})", flush=True)
+        phases = {k: r[m][k] for m in ("dynamic", "gptq", "dwq") if m in r for k in r[m] if "seconds" in k}
+        print(f"  phases: {phases}, held-out scorings {r['scoring_seconds']} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ weights to write, the per-module specs and the recipe for config.json."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -87,21 +88,31 @@ def calibrate(
     }
     if "dynamic" in opts.methods:
         rows = data.train[:SENSITIVITY_ROWS]
+        t0 = time.perf_counter()
         modules, recipe["dynamic"] = dynamic.allocate(model, modules, opts.target_bpw, rows, progress)
+        recipe["dynamic"]["seconds"] = round(time.perf_counter() - t0, 1)
         d = recipe["dynamic"]
         log(f"dynamic: {d['bpw']} bits per weight (target {d['target_bpw']}): {d['modules_per_width']}")
     dtype = model.transformer.token_embeddings.weight.dtype
-    solved = gptq.quantize(model, modules, data.train, GPTQ_BATCH, progress, dtype) if "gptq" in opts.methods else {}
-    if solved:
-        log(f"gptq: {len(solved)} modules solved in {progress.done():.0f} s")
+    solved = {}
+    if "gptq" in opts.methods:
+        timing: dict[str, float] = {}
+        solved = gptq.quantize(model, modules, data.train, GPTQ_BATCH, progress, dtype, timing)
+        recipe["gptq"] = {"damp": gptq.DAMP, "seconds": round(timing["seconds"], 1),
+                          "solve_seconds": round(timing["solve_seconds"], 1)}  # fmt: skip
+        log(
+            f"gptq: {len(solved)} modules solved in {timing['seconds']:.0f} s ({timing['solve_seconds']:.0f} s solving)"
+        )
     student = _student(model, modules, solved)
     # Each held-out scoring is a teacher and a student forward pass over every held-out row, so
     # none is repeated: plain rounding's, the starting point's (if GPTQ changed it), DWQ's result.
+    t0 = time.perf_counter()
     plain = _student(model, modules, {}) if solved else student
     rtn = mean_kl(plain, model, data.held_out)
     recipe["held_out_kl_round_to_nearest"] = round(rtn, 6)
     del plain
     kl = mean_kl(student, model, data.held_out) if solved else rtn
+    recipe["scoring_seconds"] = round(time.perf_counter() - t0, 1)  # the held-out scorings before DWQ
     if "dwq" in opts.methods:
         d = dwq.distill(student, model, data.train, data.held_out, opts.dwq, progress, before=kl)
         recipe["dwq"] = d
