@@ -3,11 +3,12 @@ weights: for time and memory only, their KL figures mean nothing).
 
     python examples/bench_calibrate_270m.py [--samples 16] [--dwq-steps 5] [--methods gptq dwq dynamic]
 
-Each method runs on its own through `openelm_mlx.quant.recipe.calibrate` with a reduced budget
-(`--samples` rows of 256 tokens, `--dwq-steps` steps); the per-unit times (per calibration row for
-the Hessians, per block for the solves, per step for DWQ) are then scaled to the defaults (128 rows,
-100 DWQ steps), which is stated beside each figure.  Token ids come from the bundled tokenizer
-(4,096 pieces, all valid ids of the 32,000-token vocabulary).
+Each method runs on its own through `openelm_mlx.quant.recipe.calibrate`, by default with a reduced
+budget (`--samples` rows of 256 tokens, `--dwq-steps` steps; give the defaults, 128 and
+`dwq.STEPS`, for a full run).  It prints each phase's seconds (GPTQ's forward passes and solves,
+DWQ's training, the held-out scorings), from which the per-unit times (per calibration row for the
+Hessians, per DWQ step) scale to the defaults.  Token ids come from the bundled tokenizer (4,096
+pieces, all valid ids of the 32,000-token vocabulary).
 """
 
 from __future__ import annotations

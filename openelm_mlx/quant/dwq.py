@@ -34,11 +34,15 @@ from ..model import OpenELM, QuantizedEmbedding, QuantizedLinear
 from .kl import kl_per_token, log_probs, mean_kl
 from .progress import Progress
 
-# Defaults measured on the bundled model, 3-bit g64, rows of 256 tokens, batch 4 (held-out KL of
-# plain rounding 0.0329): 30 steps at a relative rate of 1e-3 reached 0.0172, at 1e-2 0.0152;
-# a step costs about 6 s on the shared 2-core box (1,024 tokens forward and back, and the teacher).
+# Defaults measured on the bundled model, 3-bit g64, rows of 256 tokens, all 128 calibration rows
+# (held-out KL on the calibration slice, plain rounding 0.0321): 4 rows a step at a relative rate
+# of 1e-2: 20 steps 0.0157, 30 steps 0.0128, 50 steps 0.0114; at 2e-2 worse (30 steps 0.0158);
+# 50 steps of 2 rows 0.0125, better than 30 of 4 for fewer tokens.  The cost is the tokens: a
+# step is a teacher forward and a student forward and backward, about 4x a forward's work, so on
+# the 270M shape a 4-row step took 55 s on the shared 2-core box (load 3-4) and 50 of them would
+# not fit the 30 minutes; 50 steps of 2 rows (25,600 tokens) do (BENCHMARKS.md).
 STEPS = 50
-BATCH = 4
+BATCH = 2
 LEARNING_RATE = 1e-2
 
 
