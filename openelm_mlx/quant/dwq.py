@@ -40,7 +40,8 @@ from .progress import Progress
 # 50 steps of 2 rows 0.0125, better than 30 of 4 for fewer tokens.  The cost is the tokens: a
 # step is a teacher forward and a student forward and backward, about 4x a forward's work, so on
 # the 270M shape a 4-row step took 55 s on the shared 2-core box (load 3-4) and 50 of them would
-# not fit the 30 minutes; 50 steps of 2 rows (25,600 tokens) do (BENCHMARKS.md).
+# not fit the 30 minutes; 50 steps of 2 rows (25,600 tokens) took 14.9 minutes in all there
+# (load 2-3; MLX peak 5.4 GB; BENCHMARKS.md).
 STEPS = 50
 BATCH = 2
 LEARNING_RATE = 1e-2
