@@ -26,7 +26,7 @@ import mlx.core as mx
 from openelm_mlx.convert.pipeline import convert
 
 from openelm_mlx.compare import compare
-from openelm_mlx.loading import load
+from openelm_mlx.loading import load, load_model
 from openelm_mlx.quant import data as calibration_data
 from openelm_mlx.quant import dwq, recipe
 
@@ -147,7 +147,7 @@ def main() -> None:
                     print(f"| {name} | {bits} | - | - | - | - | - | failed: `{error}` |", flush=True)
                     continue
                 seconds = time.perf_counter() - t0
-                model, _ = load(dst)
+                model = load_model(dst)  # mlx-lm saves no tokenizer.model; compare needs only the model
                 r = compare(model, reference, ids, tok.bos_id, progress=False)
                 row = {"variant": name, "bits": bits, "size_mb": size_mb(dst), "seconds": seconds, **r.__dict__}
                 results.append(row)

@@ -3,11 +3,12 @@ weights: for time and memory only, their KL figures mean nothing).
 
     python examples/bench_calibrate_270m.py [--samples 16] [--dwq-steps 5] [--methods gptq dwq dynamic]
 
-Each method runs on its own through `openelm_mlx.quant.recipe.calibrate` with a reduced budget
-(`--samples` rows of 256 tokens, `--dwq-steps` steps); the per-unit times (per calibration row for
-the Hessians, per block for the solves, per step for DWQ) are then scaled to the defaults (128 rows,
-100 DWQ steps), which is stated beside each figure.  Token ids come from the bundled tokenizer
-(4,096 pieces, all valid ids of the 32,000-token vocabulary).
+Each method runs on its own through `openelm_mlx.quant.recipe.calibrate`, by default with a reduced
+budget (`--samples` rows of 256 tokens, `--dwq-steps` steps; give the defaults, 128 and
+`dwq.STEPS`, for a full run).  It prints each phase's seconds (GPTQ's forward passes and solves,
+DWQ's training, the held-out scorings), from which the per-unit times (per calibration row for the
+Hessians, per DWQ step) scale to the defaults.  Token ids come from the bundled tokenizer (4,096
+pieces, all valid ids of the 32,000-token vocabulary).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main() -> None:
             dwq=dwq.Options(steps=args.dwq_steps),
         )
         t0 = time.perf_counter()
-        recipe.calibrate(model, tok, modules, opts, log=lambda s: print("  " + s, flush=True))
+        r = recipe.calibrate(model, tok, modules, opts, log=lambda s: print("  " + s, flush=True)).recipe
         seconds = time.perf_counter() - t0
         peak = mx.get_peak_memory() / 1e9
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
@@ -75,6 +76,8 @@ def main() -> None:
         else:
             scaled = "sensitivity work does not depend on --samples"
         print(f"{method}: {seconds:.0f} s, MLX peak {peak:.2f} GB, process max RSS {rss:.2f} GB ({scaled})", flush=True)
+        phases = {k: r[m][k] for m in ("dynamic", "gptq", "dwq") if m in r for k in r[m] if "seconds" in k}
+        print(f"  phases: {phases}, held-out scorings {r['scoring_seconds']} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -220,3 +220,29 @@ def test_ctrl_c_during_calibration_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dwq_training_route_matches_mlx_quantized_matmul(bits):
+    """DWQ trains through unpacked levels x scales + biases (dwq._Levels) instead of MLX's CPU
+    quantized kernel: the same outputs and the same gradients for scales and biases."""
+    from openelm_mlx.model import QuantizedLinear
+
+    layer = QuantizedLinear(128, 48, bias=False, group_size=64, bits=bits)
+    w = mx.random.normal((48, 128), key=mx.random.key(bits))
+    layer.weight, layer.scales, layer.biases = mx.quantize(w, group_size=64, bits=bits)
+    x = mx.random.normal((3, 5, 128), key=mx.random.key(7))
+    route = dwq._Levels(layer)
+
+    def ours(s, b):
+        return route.quantized_matmul_t(x, layer.weight, s, b, 64, bits, "affine")
+
+    def mlx(s, b):
+        return mx.quantized_matmul(x, layer.weight, s, b, transpose=True, group_size=64, bits=bits)
+
+    assert mx.allclose(ours(layer.scales, layer.biases), mlx(layer.scales, layer.biases), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda s, b: (f(s, b) ** 2).sum()  # noqa: E731
+    got = mx.grad(loss(ours), argnums=(0, 1))(layer.scales, layer.biases)
+    want = mx.grad(loss(mlx), argnums=(0, 1))(layer.scales, layer.biases)
+    for g, e in zip(got, want, strict=True):
+        assert mx.allclose(g, e, rtol=1e-4, atol=1e-4 * mx.abs(e).max().item())

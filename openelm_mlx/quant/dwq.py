@@ -10,8 +10,15 @@ rate serves every width (a plain absolute 1e-4 made a 3-to-8-bit mixed model ten
 
 The integer levels stay as rounded (plainly or by GPTQ); the teacher's logits are computed for
 each batch as it comes and dropped after the step, so memory is one batch of logits, not the
-data set's.  The held-out rows are scored before and after: if training made them worse (too
-high a learning rate, too little data) the starting point is kept.
+data set's.  The held-out rows are scored after training (the caller gives the score before):
+if training made them worse (too high a learning rate, too little data) the starting point is kept.
+
+Training does not go through MLX's quantized matmul: on the CPU it is a single-threaded kernel,
+and its backward pass is as slow (bundled model, 4 rows of 256 tokens, 3-bit: a forward and
+backward step took 16.1 s through it against 1.7 s this way, loaded box).  Each quantized module's
+integer levels are unpacked once (uint8, a quarter of the float weights' memory) and each step
+multiplies the input by ``levels * scales + biases`` with the BLAS: the same weights as
+``mx.dequantize`` gives (bit for bit), so the same loss and gradients.
 """
 
 from __future__ import annotations
@@ -23,15 +30,20 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..model import OpenELM
+from ..model import OpenELM, QuantizedEmbedding, QuantizedLinear
 from .kl import kl_per_token, log_probs, mean_kl
 from .progress import Progress
 
-# Defaults measured on the bundled model, 3-bit g64, rows of 256 tokens, batch 4 (held-out KL of
-# plain rounding 0.0329): 30 steps at a relative rate of 1e-3 reached 0.0172, at 1e-2 0.0152;
-# a step costs about 6 s on the shared 2-core box (1,024 tokens forward and back, and the teacher).
+# Defaults measured on the bundled model, 3-bit g64, rows of 256 tokens, all 128 calibration rows
+# (held-out KL on the calibration slice, plain rounding 0.0321): 4 rows a step at a relative rate
+# of 1e-2: 20 steps 0.0157, 30 steps 0.0128, 50 steps 0.0114; at 2e-2 worse (30 steps 0.0158);
+# 50 steps of 2 rows 0.0125, better than 30 of 4 for fewer tokens.  The cost is the tokens: a
+# step is a teacher forward and a student forward and backward, about 4x a forward's work, so on
+# the 270M shape a 4-row step took 55 s on the shared 2-core box (load 3-4) and 50 of them would
+# not fit the issue's 30 minutes; 50 steps of 2 rows (25,600 tokens) took 14.9 minutes in all there
+# (load 2-3; MLX peak 5.4 GB; BENCHMARKS.md).
 STEPS = 50
-BATCH = 4
+BATCH = 2
 LEARNING_RATE = 1e-2
 
 
@@ -68,13 +80,49 @@ def _trainable(model: OpenELM) -> None:
     model.apply_to_modules(unfreeze)
 
 
+class _Levels:
+    """A quantized module's matmul plug-in while training (``routes``): its integer levels, unpacked
+    once, times the current scales plus biases, then the BLAS matmul; differentiable in both."""
+
+    def __init__(self, m: QuantizedLinear | QuantizedEmbedding):
+        ones, zeros = mx.ones_like(m.scales), mx.zeros_like(m.scales)
+        self.levels = mx.dequantize(m.weight, ones, zeros, group_size=m.group_size, bits=m.bits).astype(mx.uint8)
+
+    def quantized_matmul_t(
+        self, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int, mode: str
+    ) -> mx.array:
+        rows, groups = scales.shape
+        q = self.levels.reshape(rows, groups, group_size).astype(scales.dtype)
+        return x @ (q * scales[..., None] + biases[..., None]).reshape(rows, -1).T
+
+
+def _training_routes(model: OpenELM) -> list[tuple[nn.Module, object]]:
+    """Swap each affine quantized module's plug-in for a ``_Levels``; returns the ones to restore."""
+    saved = []
+    for _, m in model.named_modules():
+        if isinstance(m, QuantizedLinear | QuantizedEmbedding) and m.mode == "affine":
+            saved.append((m, m.routes))
+            m.routes = _Levels(m)
+            mx.eval(m.routes.levels)
+    return saved
+
+
 def distill(
-    student: OpenELM, teacher: OpenELM, train: mx.array, held_out: mx.array, opts: Options, progress: Progress
+    student: OpenELM,
+    teacher: OpenELM,
+    train: mx.array,
+    held_out: mx.array,
+    opts: Options,
+    progress: Progress,
+    before: float | None = None,
 ) -> dict:
-    """Train ``student`` in place; returns the figures for the recipe."""
+    """Train ``student`` in place; returns the figures for the recipe.  ``before``: the student's
+    held-out KL if the caller has it already (scored here otherwise)."""
+    if before is None:
+        before = mean_kl(student, teacher, held_out)
     _trainable(student)
     start = {k: v for k, v in tree_flatten(student.trainable_parameters())}
-    before = mean_kl(student, teacher, held_out)
+    routes = _training_routes(student)
     units = _units(start)
     adam = {k: (mx.zeros_like(v), mx.zeros_like(v)) for k, v in start.items()}
     rng = np.random.default_rng(opts.seed)
@@ -107,6 +155,8 @@ def distill(
         running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
         progress.step(kl=running)
     seconds = progress.done()
+    for m, r in routes:
+        m.routes = r
     after = mean_kl(student, teacher, held_out)
     kept = after <= before
     if not kept:
@@ -119,6 +169,7 @@ def distill(
         "seq_len": int(train.shape[1]),
         "held_out_kl_before": round(before, 6),
         "held_out_kl_after": round(after, 6),
+        "held_out_kl": min(before, after),
         "kept": "trained" if kept else "start (training did not lower the held-out KL)",
         "seconds": round(seconds, 1),
     }

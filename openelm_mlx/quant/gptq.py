@@ -14,6 +14,8 @@ divide stay in float, as in a plain conversion.
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -102,10 +104,13 @@ def quantize(
     batch: int,
     progress: Progress,
     dtype: mx.Dtype = mx.float32,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, dict[str, mx.array]]:
     """GPTQ for every module of ``modules`` with a spec; ``model`` (float) is left unchanged.
 
-    Returns ``{module: {"weight", "scales", "biases"}}`` in MLX arrays of ``dtype`` (scales, biases)."""
+    Returns ``{module: {"weight", "scales", "biases"}}`` in MLX arrays of ``dtype`` (scales, biases);
+    ``timing`` (if given) gets the seconds in all and those spent in the solves."""
+    began, solving = time.perf_counter(), 0.0
     out: dict[str, dict[str, mx.array]] = {}
     layers = model.layers
     batches = [rows[s : s + batch] for s in range(0, rows.shape[0], batch)]
@@ -130,7 +135,9 @@ def quantize(
             spec = modules.get(name)
             if spec is None:
                 continue
+            t0 = time.perf_counter()
             out[name] = _solved(orig.weight, c.hessian, spec, DAMP, dtype)
+            solving += time.perf_counter() - t0
             orig.weight = _dequantized(out[name], spec, orig.weight.dtype)
         hidden = [block(h) for h in hidden]
         mx.eval(hidden)
@@ -144,9 +151,14 @@ def quantize(
         for h in hidden:
             f = model.transformer.norm(h).reshape(-1, h.shape[-1]).astype(mx.float32)
             H = f.T @ f if H is None else H + f.T @ f
+        mx.eval(H)
+        t0 = time.perf_counter()
         out[name] = _solved(model.transformer.token_embeddings.weight, H, spec, EMBED_DAMP, dtype)
+        solving += time.perf_counter() - t0
     progress.step()
     progress.done()
+    if timing is not None:
+        timing.update(seconds=time.perf_counter() - began, solve_seconds=solving)
     return out
 
 
