@@ -169,7 +169,6 @@ def distill(
         "seq_len": int(train.shape[1]),
         "held_out_kl_before": round(before, 6),
         "held_out_kl_after": round(after, 6),
-        "held_out_kl": min(before, after),
         "kept": "trained" if kept else "start (training did not lower the held-out KL)",
         "seconds": round(seconds, 1),
     }

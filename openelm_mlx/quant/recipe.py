@@ -117,7 +117,7 @@ def calibrate(
         d = dwq.distill(student, model, data.train, data.held_out, opts.dwq, progress, before=kl)
         recipe["dwq"] = d
         log(f"dwq: held-out KL {d['held_out_kl_before']:.5f} -> {d['held_out_kl_after']:.5f} in {d['seconds']} s")
-        kl = d.pop("held_out_kl")
+        kl = min(d["held_out_kl_before"], d["held_out_kl_after"])  # the kept model's
     recipe["held_out_kl"] = round(kl, 6)
     log(
         f"calibrated: held-out KL {recipe['held_out_kl']:.5f} "
