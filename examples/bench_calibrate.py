@@ -41,12 +41,16 @@ def size_mb(model_dir: Path) -> float:
     return sum(f.stat().st_size for f in model_dir.glob("model*.safetensors")) / 1e6
 
 
-def ours(bits: int, methods: tuple[str, ...], target_bpw: float | None) -> dict:
-    opts = recipe.Options(methods=methods, target_bpw=target_bpw, progress=False) if methods else None
+def ours(bits: int, methods: tuple[str, ...], target_bpw: float | None, dwq_batch: int) -> dict:
+    opts = None
+    if methods:
+        opts = recipe.Options(methods=methods, target_bpw=target_bpw, progress=False, dwq=dwq.Options(batch=dwq_batch))
     return {"quantize_model": True, "q_bits": bits, "q_group_size": GROUP, "calibrate": opts}
 
 
-def mlx_lm_variant(method: str, bits: int, target_bpw: float, dst: Path, rows: mx.array, lr: float) -> None:
+def mlx_lm_variant(
+    method: str, bits: int, target_bpw: float, dst: Path, rows: mx.array, lr: float, dwq_batch: int
+) -> None:
     """Run one of mlx-lm's methods on mlx-lm's OpenELM and save the result at ``dst``."""
     import mlx.optimizers as optim
     import mlx_lm
@@ -63,17 +67,17 @@ def mlx_lm_variant(method: str, bits: int, target_bpw: float, dst: Path, rows: m
 
         q_model = copy.deepcopy(model)
         _, config = quantize_model(q_model, config, group_size=GROUP, bits=bits)
-        # the same rows, repeated so its one pass makes as many steps as ours (dwq.STEPS of dwq.BATCH)
+        # the same rows, repeated so its one pass makes as many steps as ours (dwq.STEPS of dwq_batch)
         train = [(r, 0) for r in rows.tolist()]
-        train = (train * (dwq.STEPS * dwq.BATCH // len(train) + 1))[: dwq.STEPS * dwq.BATCH]
-        valid = train[: dwq.BATCH * 4]
+        train = (train * (dwq.STEPS * dwq_batch // len(train) + 1))[: dwq.STEPS * dwq_batch]
+        valid = train[: dwq_batch * 4]
         dwq_quantize(
             q_model,
             lambda batch, idx, split: model(batch),
             optim.Adam(learning_rate=lr, bias_correction=True),
             train,
             valid,
-            batch_size=dwq.BATCH,
+            batch_size=dwq_batch,
             max_seq_length=rows.shape[1],
             seed=0,
             dtype=mx.float32,
@@ -107,6 +111,7 @@ def main() -> None:
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--only", nargs="+", help="run only the variants whose names start with these (e.g. plain gptq)")
     ap.add_argument("--mlx-lm-dwq-lr", type=float, nargs="+", default=[1e-4], help="mlx-lm's default is 1e-6")
+    ap.add_argument("--dwq-batch", type=int, default=dwq.BATCH, help="rows a DWQ step, ours and mlx-lm's alike")
     args = ap.parse_args()
     reference, tok = load(BUNDLED)
     ids = tok.encode(TEXT.read_text(), add_bos=False)[:TOKENS]
@@ -119,12 +124,12 @@ def main() -> None:
         for bits in args.bits:
             target = bits + 0.5 + 2 * 32 / GROUP  # half a bit more than plain `bits` (float32 scales, biases)
             variants: dict[str, object] = {
-                "plain": ours(bits, (), None),
-                "gptq": ours(bits, ("gptq",), None),
-                "dwq": ours(bits, ("dwq",), None),
-                "gptq+dwq": ours(bits, ("gptq", "dwq"), None),
-                f"dynamic {target:g} bpw": ours(bits, ("dynamic",), target),
-                f"dynamic+gptq {target:g} bpw": ours(bits, ("dynamic", "gptq"), target),
+                "plain": ours(bits, (), None, args.dwq_batch),
+                "gptq": ours(bits, ("gptq",), None, args.dwq_batch),
+                "dwq": ours(bits, ("dwq",), None, args.dwq_batch),
+                "gptq+dwq": ours(bits, ("gptq", "dwq"), None, args.dwq_batch),
+                f"dynamic {target:g} bpw": ours(bits, ("dynamic",), target, args.dwq_batch),
+                f"dynamic+gptq {target:g} bpw": ours(bits, ("dynamic", "gptq"), target, args.dwq_batch),
             }
             if not args.skip_mlx_lm:
                 variants["mlx-lm gptq"] = ("gptq", 0.0)
@@ -138,7 +143,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     if isinstance(spec, tuple):
-                        mlx_lm_variant(spec[0], bits, target, dst, rows, spec[1])
+                        mlx_lm_variant(spec[0], bits, target, dst, rows, spec[1], args.dwq_batch)
                     else:
                         convert(str(BUNDLED), dst, force=True, run_verify=False, log=lambda s: None, **spec)
                 except Exception as e:  # a peer's refusal is a result: record it
