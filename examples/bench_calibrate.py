@@ -41,10 +41,8 @@ def size_mb(model_dir: Path) -> float:
     return sum(f.stat().st_size for f in model_dir.glob("model*.safetensors")) / 1e6
 
 
-def ours(bits: int, methods: tuple[str, ...], target_bpw: float | None, dwq_batch: int) -> dict:
-    opts = None
-    if methods:
-        opts = recipe.Options(methods=methods, target_bpw=target_bpw, progress=False, dwq=dwq.Options(batch=dwq_batch))
+def ours(bits: int, methods: tuple[str, ...], target_bpw: float | None, d: dwq.Options) -> dict:
+    opts = recipe.Options(methods=methods, target_bpw=target_bpw, progress=False, dwq=d) if methods else None
     return {"quantize_model": True, "q_bits": bits, "q_group_size": GROUP, "calibrate": opts}
 
 
@@ -112,7 +110,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="run only the variants whose names start with these (e.g. plain gptq)")
     ap.add_argument("--mlx-lm-dwq-lr", type=float, nargs="+", default=[1e-4], help="mlx-lm's default is 1e-6")
     ap.add_argument("--dwq-batch", type=int, default=dwq.BATCH, help="rows a DWQ step, ours and mlx-lm's alike")
+    ap.add_argument("--dwq-lr", type=float, default=dwq.LEARNING_RATE, help="ours: the relative rate")
     args = ap.parse_args()
+    our_dwq = dwq.Options(batch=args.dwq_batch, learning_rate=args.dwq_lr)
     reference, tok = load(BUNDLED)
     ids = tok.encode(TEXT.read_text(), add_bos=False)[:TOKENS]
     rows = calibration_data.load(None, tok, recipe.SEQ_LEN, recipe.SAMPLES).train
@@ -124,12 +124,12 @@ def main() -> None:
         for bits in args.bits:
             target = bits + 0.5 + 2 * 32 / GROUP  # half a bit more than plain `bits` (float32 scales, biases)
             variants: dict[str, object] = {
-                "plain": ours(bits, (), None, args.dwq_batch),
-                "gptq": ours(bits, ("gptq",), None, args.dwq_batch),
-                "dwq": ours(bits, ("dwq",), None, args.dwq_batch),
-                "gptq+dwq": ours(bits, ("gptq", "dwq"), None, args.dwq_batch),
-                f"dynamic {target:g} bpw": ours(bits, ("dynamic",), target, args.dwq_batch),
-                f"dynamic+gptq {target:g} bpw": ours(bits, ("dynamic", "gptq"), target, args.dwq_batch),
+                "plain": ours(bits, (), None, our_dwq),
+                "gptq": ours(bits, ("gptq",), None, our_dwq),
+                "dwq": ours(bits, ("dwq",), None, our_dwq),
+                "gptq+dwq": ours(bits, ("gptq", "dwq"), None, our_dwq),
+                f"dynamic {target:g} bpw": ours(bits, ("dynamic",), target, our_dwq),
+                f"dynamic+gptq {target:g} bpw": ours(bits, ("dynamic", "gptq"), target, our_dwq),
             }
             if not args.skip_mlx_lm:
                 variants["mlx-lm gptq"] = ("gptq", 0.0)
