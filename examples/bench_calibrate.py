@@ -109,7 +109,10 @@ def main() -> None:
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--only", nargs="+", help="run only the variants whose names start with these (e.g. plain gptq)")
     ap.add_argument("--mlx-lm-dwq-lr", type=float, nargs="+", default=[1e-4], help="mlx-lm's default is 1e-6")
-    ap.add_argument("--dwq-batch", type=int, default=dwq.BATCH, help="rows a DWQ step, ours and mlx-lm's alike")
+    ap.add_argument("--dwq-batch", type=int, default=dwq.BATCH, help="ours: rows a DWQ step")
+    ap.add_argument(
+        "--mlx-lm-dwq-batch", type=int, default=4, help="mlx-lm's rows a DWQ step (4: twice our default's tokens)"
+    )
     ap.add_argument("--dwq-lr", type=float, default=dwq.LEARNING_RATE, help="ours: the relative rate")
     args = ap.parse_args()
     our_dwq = dwq.Options(batch=args.dwq_batch, learning_rate=args.dwq_lr)
@@ -143,7 +146,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 try:
                     if isinstance(spec, tuple):
-                        mlx_lm_variant(spec[0], bits, target, dst, rows, spec[1], args.dwq_batch)
+                        mlx_lm_variant(spec[0], bits, target, dst, rows, spec[1], args.mlx_lm_dwq_batch)
                     else:
                         convert(str(BUNDLED), dst, force=True, run_verify=False, log=lambda s: None, **spec)
                 except Exception as e:  # a peer's refusal is a result: record it
