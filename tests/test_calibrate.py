@@ -16,6 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import INTERRUPTIBLE
 from openelm_mlx.convert.pipeline import convert
 from openelm_mlx.convert.quantize import QuantSpec
 
@@ -210,6 +211,7 @@ def test_ctrl_c_during_calibration_leaves_nothing(tmp_path):
         [sys.executable, "-m", "openelm_mlx.cli", "convert", "--hf-path", str(BUNDLED), "--mlx-path", str(out),
          "-q", "--calibrate", "dwq", "--dwq-steps", "10000", "--calibration-samples", "8"],
         stderr=subprocess.PIPE,
+        **INTERRUPTIBLE,
     )  # fmt: skip
     seen = b""
     while b"calibration data:" not in seen:  # the float model is built; calibration has begun

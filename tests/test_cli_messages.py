@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import INTERRUPTIBLE
 from openelm_mlx.convert.pipeline import convert
 
 from openelm_mlx.errors import OpenELMError
@@ -97,6 +98,7 @@ def test_ctrl_c_during_start_up():
             [str(SCRIPT), "generate", "--prompt", "In the beginning", "--max-tokens", "400"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            **INTERRUPTIBLE,
         )
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)

@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers import random_weights, small_config, train_tokenizer, write_hf_folder
+from helpers import INTERRUPTIBLE, random_weights, small_config, train_tokenizer, write_hf_folder
 from openelm_mlx.convert.pipeline import convert
 
 from openelm_mlx import generate, load, reference, stream_generate
@@ -261,6 +261,7 @@ def test_ctrl_c_stops_cleanly_and_prints_the_figures(tiny):
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        **INTERRUPTIBLE,
     )
     deadline = time.time() + 60
     first = proc.stdout.read(1)  # generation has started

@@ -18,6 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers import INTERRUPTIBLE
 from mlx.utils import tree_flatten
 from openelm_mlx.convert.pipeline import convert
 
@@ -485,7 +486,7 @@ def test_ctrl_c_saves_the_last_adapters(tmp_path):
     out = tmp_path / "a"
     cmd = [sys.executable, "-m", "openelm_mlx.cli", "lora", "--model", str(BUNDLED), *SHORT]
     cmd += ["--iters", "100000", "--adapter-path", str(out)]  # the last --iters wins
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, **INTERRUPTIBLE)
     lines = []
     for line in proc.stderr:
         lines.append(line)
