@@ -115,6 +115,9 @@ def main() -> None:
     )
     ap.add_argument("--dwq-lr", type=float, default=dwq.LEARNING_RATE, help="ours: the relative rate")
     args = ap.parse_args()
+    for flag, value in (("--dwq-batch", args.dwq_batch), ("--mlx-lm-dwq-batch", args.mlx_lm_dwq_batch)):
+        if value < 1:
+            ap.error(f"{flag} must be at least 1, not {value}")
     our_dwq = dwq.Options(batch=args.dwq_batch, learning_rate=args.dwq_lr)
     reference, tok = load(BUNDLED)
     ids = tok.encode(TEXT.read_text(), add_bos=False)[:TOKENS]
@@ -153,20 +156,22 @@ def main() -> None:
                     error = f"{type(e).__name__}: {e}".splitlines()[0]
                     results.append({"variant": name, "bits": bits, "error": error, "trace": traceback.format_exc()})
                     print(f"| {name} | {bits} | - | - | - | - | - | failed: `{error}` |", flush=True)
-                    continue
-                seconds = time.perf_counter() - t0
-                model = load_model(dst)  # mlx-lm saves no tokenizer.model; compare needs only the model
-                r = compare(model, reference, ids, tok.bos_id, progress=False)
-                row = {"variant": name, "bits": bits, "size_mb": size_mb(dst), "seconds": seconds, **r.__dict__}
-                results.append(row)
-                print(
-                    f"| {name} | {bits} | {row['size_mb']:.2f} | {r.ppl_model:.3f} | {r.kld_mean:.5f} | "
-                    f"{r.kld_p99:.5f} | {r.top1_agreement:.2%} | {seconds:.0f} |",
-                    flush=True,
-                )
-                if args.json:
+                else:
+                    seconds = time.perf_counter() - t0
+                    model = load_model(dst)  # mlx-lm saves no tokenizer.model; compare needs only the model
+                    r = compare(model, reference, ids, tok.bos_id, progress=False)
+                    row = {"variant": name, "bits": bits, "size_mb": size_mb(dst), "seconds": seconds, **r.__dict__}
+                    results.append(row)
+                    print(
+                        f"| {name} | {bits} | {row['size_mb']:.2f} | {r.ppl_model:.3f} | {r.kld_mean:.5f} | "
+                        f"{r.kld_p99:.5f} | {r.top1_agreement:.2%} | {seconds:.0f} |",
+                        flush=True,
+                    )
+                if args.json:  # after every variant, its failure included
                     Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nfloat32 reference: {size_mb(BUNDLED):.2f} MB, perplexity {r.ppl_reference:.3f}")
+    scored = [row for row in results if "error" not in row]
+    if scored:  # the reference's perplexity comes with every comparison
+        print(f"\nfloat32 reference: {size_mb(BUNDLED):.2f} MB, perplexity {scored[-1]['ppl_reference']:.3f}")
 
 
 if __name__ == "__main__":
